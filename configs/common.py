@@ -1,0 +1,93 @@
+"""Shared defaults for every pdm-jax run; model configs start from `get_config()` here.
+
+Keys documented here are a public contract (scripts, docs and users' command lines use them):
+override any of them as `--config.<key>=<value>`, tuples as
+`--config.data.columns.settings="('a','b')"`.
+Hardware-dependent fields default to 'auto' and are resolved at start-up (and logged).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# The 14 C-MAPSS sensors that carry information (DESIGN.md protocol).
+CMAPSS_SENSORS = (
+    "s_2",
+    "s_3",
+    "s_4",
+    "s_7",
+    "s_8",
+    "s_9",
+    "s_11",
+    "s_12",
+    "s_13",
+    "s_14",
+    "s_15",
+    "s_17",
+    "s_20",
+    "s_21",
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "tft"  # 'tft' | 'cnn_bilstm'
+    config.model.quantiles = (0.1, 0.5, 0.9)
+    config.model.dropout = 0.1
+
+    data = config.data = ml_collections.ConfigDict()
+    data.source = "cmapss"  # 'cmapss' | 'csv' | 'synthetic'
+    data.subset = "FD001"  # C-MAPSS FD001..FD004; FD001 ships with the package
+    data.data_dir = config_dict.placeholder(str)  # else $PDM_DATA_DIR, embedded FD001, user cache
+    data.download = True  # fetch a missing C-MAPSS subset into the user cache (sha256-checked)
+    data.paths = ()  # csv: files or globs (.csv/.parquet); each entry is one dataset
+    data.test_paths = ()  # csv: test units of dataset i in entry i (RUL truth from columns.rul)
+    data.columns = ml_collections.ConfigDict()
+    data.columns.unit = "unit"
+    data.columns.time = "time"
+    data.columns.settings = ()  # operating settings (used to find operating conditions)
+    data.columns.sensors = config_dict.FieldReference(
+        "auto", field_type=object
+    )  # tuple, or 'auto': C-MAPSS' 14 informative / every other numeric
+    data.columns.failure = config_dict.placeholder(str)  # optional 0/1 failure flag column
+    data.columns.rul = config_dict.placeholder(str)  # optional explicit RUL column
+    data.columns.ignore = ()  # extra columns to leave out
+    data.use_settings = False  # feed the settings to the model as inputs too
+    data.rul_cap = 125.0  # piecewise-linear target; 0 = uncapped
+    data.nan_policy = "error"  # 'error' | 'ffill' (forward-fill within a unit, count logged)
+    data.condition_scaling = "auto"  # per-operating-condition scaling: 'auto' | True | False
+    data.val_fraction = 0.2  # share of training units held out (by unit) for validation
+    data.window = 30
+    data.stride = 1
+    data.num_threads = 1  # grain prefetch threads (data is in memory: more threads fight the GIL)
+    data.prefetch = 4  # batches prefetched ahead of the training step
+    data.synthetic = ml_collections.ConfigDict()
+    data.synthetic.num_units = 200
+    data.synthetic.test_units = 100
+    data.synthetic.num_conditions = 1
+    data.synthetic.seed = 0
+
+    train = config.train = ml_collections.ConfigDict()
+    train.num_steps = 0  # 0 = until early stopping / num_epochs
+    train.num_epochs = 30
+    train.batch_size = 256  # global batch: fixed by the config, never by the hardware
+    train.grad_accum = "auto"  # 'auto' or an int
+    train.learning_rate = 1e-3
+    train.warmup_steps = 100
+    train.schedule_steps = 5000  # the LR schedule's own length, independent of num_steps
+    train.patience = 10  # evaluations without improvement before early stopping
+    train.eval_every = 200
+
+    config.compute = ml_collections.ConfigDict()
+    config.compute.dtype = "auto"  # 'auto' | 'float32' | 'bfloat16'
+    config.compute.mesh = "auto"
+
+    ckpt = config.checkpoint = ml_collections.ConfigDict()
+    ckpt.uri = config_dict.placeholder(str)  # default <workdir>/checkpoints; gs://, s3://, az://
+    ckpt.every_steps = 500
+    ckpt.every_minutes = 10.0
+    ckpt.keep = 3
+    ckpt.resume_from = config_dict.placeholder(str)
+    return config

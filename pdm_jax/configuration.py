@@ -1,0 +1,148 @@
+"""Config checks that turn a bad value into a `ConfigError` naming the key, before any work.
+
+ml_collections already refuses unknown keys and wrong types on the command line; this catches
+values that parse but cannot work (a negative window, an unknown source, an impossible split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pdm_jax.data.cmapss import SUBSETS
+from pdm_jax.data.sources import SOURCES
+from pdm_jax.data.validate import NAN_POLICIES
+from pdm_jax.errors import ConfigError
+
+MODELS = ("tft", "cnn_bilstm")
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}: expected {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(config: Any) -> None:
+    """Raises ConfigError for the first impossible value."""
+    data = config.data
+    _require(_is_int(config.seed), "seed", "an integer", config.seed)
+    _require(config.model.name in MODELS, "model.name", f"one of {MODELS}", config.model.name)
+    quantiles = tuple(config.model.quantiles)
+    _require(
+        all(isinstance(q, float | int) and 0 < q < 1 for q in quantiles),
+        "model.quantiles",
+        "values strictly between 0 and 1",
+        quantiles,
+    )
+    _require(
+        0 <= config.model.dropout < 1, "model.dropout", "a value in [0, 1)", config.model.dropout
+    )
+    _require(data.source in SOURCES, "data.source", f"one of {SOURCES}", data.source)
+    if data.source == "cmapss":
+        _require(data.subset in SUBSETS, "data.subset", f"one of {SUBSETS}", data.subset)
+    if data.source == "csv":
+        _require(
+            len(tuple(data.paths)) > 0,
+            "data.paths",
+            "at least one CSV/Parquet file or glob",
+            data.paths,
+        )
+        for key in ("unit", "time"):
+            value = data.columns[key]
+            _require(
+                isinstance(value, str) and value != "",
+                f"data.columns.{key}",
+                "a column name",
+                value,
+            )
+        sensors = data.columns.sensors
+        _require(
+            sensors == "auto" or (isinstance(sensors, tuple | list) and len(sensors) > 0),
+            "data.columns.sensors",
+            "'auto' or a non-empty tuple of column names",
+            sensors,
+        )
+        _require(
+            not (data.columns.failure and data.columns.rul),
+            "data.columns.rul",
+            "either columns.failure or columns.rul, not both",
+            data.columns.rul,
+        )
+    _require(_is_int(data.window) and data.window > 0, "data.window", "an integer > 0", data.window)
+    _require(_is_int(data.stride) and data.stride > 0, "data.stride", "an integer > 0", data.stride)
+    _require(
+        data.rul_cap is None or data.rul_cap >= 0,
+        "data.rul_cap",
+        "a number >= 0 (0 = no cap)",
+        data.rul_cap,
+    )
+    _require(
+        data.nan_policy in NAN_POLICIES,
+        "data.nan_policy",
+        f"one of {NAN_POLICIES}",
+        data.nan_policy,
+    )
+    _require(
+        data.condition_scaling in ("auto", True, False),
+        "data.condition_scaling",
+        "'auto', True or False",
+        data.condition_scaling,
+    )
+    _require(
+        0 <= data.val_fraction < 1, "data.val_fraction", "a value in [0, 1)", data.val_fraction
+    )
+    _require(
+        _is_int(data.num_threads) and data.num_threads >= 0,
+        "data.num_threads",
+        "an integer >= 0",
+        data.num_threads,
+    )
+    _require(
+        _is_int(data.prefetch) and data.prefetch >= 0,
+        "data.prefetch",
+        "an integer >= 0",
+        data.prefetch,
+    )
+    train = config.train
+    _require(
+        _is_int(train.batch_size) and train.batch_size > 0,
+        "train.batch_size",
+        "an integer > 0 (the global batch)",
+        train.batch_size,
+    )
+    _require(
+        _is_int(train.num_steps) and train.num_steps >= 0,
+        "train.num_steps",
+        "an integer >= 0",
+        train.num_steps,
+    )
+    accum = train.grad_accum
+    _require(
+        accum == "auto" or (str(accum).isdigit() and int(accum) > 0),
+        "train.grad_accum",
+        "'auto' or an integer > 0",
+        accum,
+    )
+    _require(train.learning_rate > 0, "train.learning_rate", "a number > 0", train.learning_rate)
+    _require(
+        config.compute.dtype in ("auto", "float32", "bfloat16"),
+        "compute.dtype",
+        "'auto', 'float32' or 'bfloat16'",
+        config.compute.dtype,
+    )
+
+
+def save(config: Any, workdir: str) -> str:
+    """Writes the resolved config as JSON into the run directory (workdir/config.json)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(config.to_dict(), handle, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path

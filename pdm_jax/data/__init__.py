@@ -1,0 +1,1 @@
+"""The data path: files -> validated long table -> features -> windows -> grain batches."""

@@ -1,0 +1,141 @@
+"""From config.data to ready windows: load, split by unit, fit the scaler on training units,
+window every split. The one call the training loop, the CLI and tests make."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+
+from pdm_jax.data import features, sources
+from pdm_jax.data.pipeline import Windows, window_ends
+from pdm_jax.data.table import DATASET, TIME, UNIT, RawData, RunTable
+from pdm_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    raw: RawData
+    scaler: features.Scaler
+    train: Windows
+    val: Windows | None
+    test: Windows | None
+    train_units: np.ndarray  # unit codes of raw.train used for training
+    val_units: np.ndarray
+    fingerprint: str
+
+    def summary(self) -> dict[str, Any]:
+        """Counts a user (and the run directory) should see before training starts."""
+        out: dict[str, Any] = {
+            "datasets": list(self.raw.dataset_names),
+            "features": list(self.scaler.features),
+            "num_conditions": self.scaler.num_conditions,
+            "train_units": len(self.train_units),
+            "val_units": len(self.val_units),
+            "train_rows": self.raw.train.num_rows,
+            "train_windows": len(self.train),
+            "val_windows": len(self.val) if self.val is not None else 0,
+            "fingerprint": self.fingerprint,
+        }
+        if self.test is not None:
+            out["test_units"] = self.raw.test.num_units
+            out["test_windows"] = len(self.test)
+            out["test_windows_padded"] = self.test.num_padded
+        return out
+
+
+def split_units(table: RunTable, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-wise train/validation split (never by row), per dataset, a function of the seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"config.data.val_fraction must be in [0, 1), got {val_fraction}")
+    train, val = [], []
+    rng = np.random.default_rng([seed, 1])
+    for ds in np.unique(table.unit_dataset):
+        codes = np.flatnonzero(table.unit_dataset == ds)
+        codes = codes[rng.permutation(len(codes))]
+        n_val = round(val_fraction * len(codes))
+        if val_fraction > 0 and len(codes) > 1:
+            n_val = min(max(n_val, 1), len(codes) - 1)
+        val.append(np.sort(codes[:n_val]))
+        train.append(np.sort(codes[n_val:]))
+    return np.concatenate(train), np.concatenate(val)
+
+
+def fingerprint(table: RunTable) -> str:
+    """Content hash of a training table (values, not paths), so a resumed run can tell whether it
+    sees the same data."""
+    digest = hashlib.sha256()
+    for col in table.frame.columns:
+        digest.update(col.encode())
+        digest.update(np.ascontiguousarray(table.frame[col].to_numpy(np.float64)).tobytes())
+    return digest.hexdigest()
+
+
+def make_windows(
+    table: RunTable,
+    scaler: features.Scaler,
+    rul_cap: float | None,
+    window: int,
+    stride: int = 1,
+    mode: str = "train",
+) -> Windows:
+    starts, stops = table.unit_bounds()
+    lengths = stops - starts
+    return Windows(
+        features=scaler.transform(table.frame),
+        targets=features.rul_target(table, rul_cap),
+        row_start=np.repeat(starts, lengths),
+        row_unit=table.frame[UNIT].to_numpy(np.int32),
+        row_dataset=table.frame[DATASET].to_numpy(np.int32),
+        row_time=table.frame[TIME].to_numpy(np.float64),
+        ends=window_ends(starts, stops, window, stride, mode),
+        window=window,
+    )
+
+
+def feature_columns(table: RunTable, use_settings: bool) -> tuple[str, ...]:
+    return (*table.settings, *table.sensors) if use_settings else table.sensors
+
+
+def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
+    """Loads the configured data and returns train/val/test windows with the fitted scaler."""
+    raw = sources.load(data_cfg, data_dir)
+    train_codes, val_codes = split_units(raw.train, data_cfg.val_fraction, seed)
+    train_table = raw.train.select_units(train_codes)
+    feats = feature_columns(raw.train, bool(data_cfg.get("use_settings", False)))
+    scaler = features.fit_scaler(train_table, feats, data_cfg.condition_scaling)
+    window, stride, cap = data_cfg.window, data_cfg.stride, data_cfg.rul_cap
+    train = make_windows(train_table, scaler, cap, window, stride, "train")
+    val = None
+    if len(val_codes):
+        val = make_windows(raw.train.select_units(val_codes), scaler, cap, window, 1, "train")
+    test = None
+    if raw.test is not None:
+        test = make_windows(raw.test, scaler, cap, window, 1, "last")
+        if test.num_padded:
+            log.warning(
+                "%d test unit(s) are shorter than the window (%d); they are left-padded and masked",
+                test.num_padded,
+                window,
+            )
+    if train.num_padded:
+        log.warning(
+            "%d training unit(s) are shorter than the window (%d); each gives one padded window",
+            train.num_padded,
+            window,
+        )
+    return Prepared(
+        raw=raw,
+        scaler=scaler,
+        train=train,
+        val=val,
+        test=test,
+        train_units=train_codes,
+        val_units=val_codes,
+        fingerprint=fingerprint(raw.train),
+    )

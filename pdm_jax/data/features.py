@@ -1,0 +1,181 @@
+"""Features for the models: operating-condition-aware min-max scaling and the capped RUL target.
+
+The scaler is fitted on training units only and is plain data (arrays plus JSON-able fields), so
+a checkpoint carries it and inference needs no training data and no pickle. Operating conditions
+are found from the settings columns without knowing the data set: a setting whose values fall into
+well-separated groups (C-MAPSS FD002/FD004: 6 flight regimes) splits the data; continuous noise
+(FD001) does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pdm_jax.data.table import RUL, RunTable
+from pdm_jax.errors import DataError
+
+# A gap between sorted distinct setting values separates two operating points when it is wider
+# than GAP_SHARE of the column's range and GAP_RATIO times the median spacing of distinct values
+# (quantised noise, as in FD001's settings, has evenly spaced levels and must not split). A group
+# holding less than MIN_SHARE of the rows is noise, merged into the nearest real group.
+GAP_SHARE = 0.05
+GAP_RATIO = 20.0
+MIN_SHARE = 0.01
+SCALE_LOW, SCALE_HIGH = -1.0, 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaler:
+    """Per-condition min-max scaling of `features`; conditions are nearest `centers` in settings
+    space normalised by (`setting_low`, `setting_span`)."""
+
+    features: tuple[str, ...]
+    settings: tuple[str, ...]
+    setting_low: np.ndarray  # [S]
+    setting_span: np.ndarray  # [S]
+    centers: np.ndarray  # [K, S], normalised settings
+    mins: np.ndarray  # [K, F]
+    maxs: np.ndarray  # [K, F]
+
+    @property
+    def num_conditions(self) -> int:
+        return int(self.centers.shape[0])
+
+    def conditions(self, frame: pd.DataFrame) -> np.ndarray:
+        """The operating condition (0..K-1) of each row: the nearest fitted regime."""
+        if self.num_conditions == 1:
+            return np.zeros(len(frame), dtype=np.int32)
+        norm = (
+            frame[list(self.settings)].to_numpy(np.float64) - self.setting_low
+        ) / self.setting_span
+        dist = ((norm[:, None, :] - self.centers[None, :, :]) ** 2).sum(-1)
+        return dist.argmin(axis=1).astype(np.int32)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Scaled features [rows, F] as float32; training rows land in [-1, 1]."""
+        missing = [c for c in self.features if c not in frame.columns]
+        if missing:
+            raise DataError(f"input lacks feature column(s) {', '.join(map(repr, missing))}")
+        values = frame[list(self.features)].to_numpy(np.float64)
+        cond = self.conditions(frame)
+        lo, hi = self.mins[cond], self.maxs[cond]
+        span = np.where(hi > lo, hi - lo, 1.0)
+        scaled = (values - lo) / span * (SCALE_HIGH - SCALE_LOW) + SCALE_LOW
+        return scaled.astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for checkpoints and run directories."""
+        return {
+            "features": list(self.features),
+            "settings": list(self.settings),
+            "setting_low": self.setting_low.tolist(),
+            "setting_span": self.setting_span.tolist(),
+            "centers": self.centers.tolist(),
+            "mins": self.mins.tolist(),
+            "maxs": self.maxs.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scaler:
+        settings = tuple(data["settings"])
+        features = tuple(data["features"])
+        return cls(
+            features=features,
+            settings=settings,
+            setting_low=np.asarray(data["setting_low"], np.float64).reshape(len(settings)),
+            setting_span=np.asarray(data["setting_span"], np.float64).reshape(len(settings)),
+            centers=np.asarray(data["centers"], np.float64).reshape(-1, len(settings)),
+            mins=np.asarray(data["mins"], np.float64).reshape(-1, len(features)),
+            maxs=np.asarray(data["maxs"], np.float64).reshape(-1, len(features)),
+        )
+
+
+def _split_column(values: np.ndarray) -> np.ndarray:
+    """Group ids along one setting: breaks at gaps wider than GAP_SHARE of the range."""
+    lo, hi = values.min(), values.max()
+    if not hi > lo:
+        return np.zeros(len(values), dtype=np.int64)
+    uniq = np.unique(values)
+    gaps = np.diff(uniq)
+    wide = (gaps > GAP_SHARE * (hi - lo)) & (gaps > GAP_RATIO * np.median(gaps))
+    breaks = uniq[1:][wide]
+    return np.searchsorted(breaks, values, side="right")
+
+
+def find_conditions(
+    settings: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Operating regimes in `settings` [rows, S]: (low, span, centers in normalised space)."""
+    if settings.shape[1] == 0:
+        return np.zeros(0), np.ones(0), np.zeros((1, 0))
+    low = settings.min(axis=0)
+    span = settings.max(axis=0) - low
+    span = np.where(span > 0, span, 1.0)
+    norm = (settings - low) / span
+    groups = np.stack([_split_column(settings[:, j]) for j in range(settings.shape[1])], axis=1)
+    keys, inverse, counts = np.unique(groups, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    keep = counts >= MIN_SHARE * len(settings)
+    if not keep.any():
+        return low, span, norm.mean(axis=0, keepdims=True)
+    sums = np.zeros((len(keys), norm.shape[1]))
+    np.add.at(sums, inverse, norm)
+    centers = sums[keep] / counts[keep, None]
+    order = np.lexsort(centers.T[::-1])  # stable, data-order-independent numbering
+    return low, span, centers[order]
+
+
+def fit_scaler(
+    table: RunTable,
+    features: tuple[str, ...],
+    condition_scaling: bool | str = "auto",
+) -> Scaler:
+    """Fits min-max ranges per operating condition on `table` (training units only).
+
+    condition_scaling: 'auto' scales per condition when the settings show two or more regimes,
+    True always looks for regimes, False scales globally.
+    """
+    if condition_scaling not in ("auto", True, False):
+        raise DataError(
+            "config.data.condition_scaling must be 'auto', True or False, "
+            f"got {condition_scaling!r}"
+        )
+    frame = table.frame
+    settings = table.settings
+    values = frame[list(features)].to_numpy(np.float64)
+    raw_settings = frame[list(settings)].to_numpy(np.float64)
+    if condition_scaling is False or not settings:
+        low = raw_settings.min(axis=0) if settings else np.zeros(0)
+        span = np.ones(len(settings))
+        centers = np.zeros((1, len(settings)))
+    else:
+        low, span, centers = find_conditions(raw_settings)
+    scaler = Scaler(
+        features=tuple(features),
+        settings=tuple(settings),
+        setting_low=np.asarray(low, np.float64),
+        setting_span=np.asarray(span, np.float64),
+        centers=np.asarray(centers, np.float64),
+        mins=np.zeros((len(centers), len(features))),
+        maxs=np.zeros((len(centers), len(features))),
+    )
+    cond = scaler.conditions(frame)
+    mins = np.zeros((len(centers), len(features)))
+    maxs = np.zeros((len(centers), len(features)))
+    for k in range(len(centers)):
+        rows = values[cond == k]
+        if len(rows):
+            mins[k], maxs[k] = rows.min(axis=0), rows.max(axis=0)
+    return dataclasses.replace(scaler, mins=mins, maxs=maxs)
+
+
+def rul_target(table: RunTable, rul_cap: float | None) -> np.ndarray:
+    """Piecewise-linear RUL: the true remaining life, capped at `rul_cap` (None or 0: uncapped)."""
+    rul = table.frame[RUL].to_numpy(np.float64)
+    if rul_cap:
+        rul = np.minimum(rul, float(rul_cap))
+    return rul.astype(np.float32)

@@ -1,0 +1,17 @@
+"""Typed user-facing errors.
+
+`main` turns these into one line on stderr and exit code 2 (DESIGN.md invariant 4), so their
+message must stand alone: name the file, row, column or config key, and what was expected.
+"""
+
+
+class PdmError(Exception):
+    """Base for errors caused by the user's input rather than by a bug."""
+
+
+class DataError(PdmError):
+    """Bad or missing data: the message names file, column and/or row, and the expectation."""
+
+
+class ConfigError(PdmError):
+    """An invalid configuration: the message names the config key and what was expected."""

@@ -1,0 +1,50 @@
+"""Command-line entry: `python -m pdm_jax.main --config=configs/tft.py --workdir=DIR`.
+
+Intentionally short (flax/examples style): flags, logging, config checks, then one library call.
+A DataError/ConfigError becomes one line on stderr and exit code 2, no traceback.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pdm_jax import configuration, datacheck
+from pdm_jax.errors import PdmError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/tft.py.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory for logs, config.json and summaries (local).")
+# Training modes (train, eval, train_and_eval) arrive with the training loop.
+flags.DEFINE_enum("mode", "data", ["data"], "data: run the data path and report on it.")
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Directory with C-MAPSS files (else $PDM_DATA_DIR, the embedded FD001, the user cache).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    if FLAGS.data_dir:
+        config.data.data_dir = FLAGS.data_dir
+    try:
+        configuration.validate(config)
+        logging.info("config:\n%s", config)
+        datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
+    except PdmError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

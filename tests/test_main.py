@@ -1,0 +1,104 @@
+"""The command-line entry, run as a user runs it: a subprocess of `python -m pdm_jax.main`."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from tests.conftest import REPO
+
+
+def _main(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "pdm_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def test_main_runs_the_data_path_on_embedded_fd001(tmp_path):
+    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    assert summary["train_windows"] + summary["val_windows"] == 17731
+    assert summary["test_windows"] == 100 and summary["num_conditions"] == 1
+    assert summary["iterator_state"]["next_batch"] == summary["epoch_batches"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["name"] == "tft" and config["data"]["subset"] == "FD001"
+    scaler = json.loads((tmp_path / "scaler.json").read_text())
+    assert len(scaler["features"]) == 14
+
+
+def test_bad_config_value_is_one_line_exit_2(tmp_path):
+    proc = _main(
+        "--config=configs/cnn_bilstm.py", f"--workdir={tmp_path}", "--config.data.window=0"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: config.data.window: expected an integer > 0, got 0"
+    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", "--config.data.subset=FD009")
+    assert proc.returncode == 2 and "config.data.subset" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_data_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"unit": [1, 1], "time": [1, 1], "a": [0.1, 0.2]}).to_csv(bad, index=False)
+    proc = _main(
+        "--config=configs/tft.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.data.source=csv",
+        f"--config.data.paths=('{bad}',)",
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "duplicate row for unit 1" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_csv_run_with_tuple_overrides_from_the_command_line(tmp_path):
+    rows = [
+        {"engine": f"e{u}", "t": t, "load": 1.0, "temp": 20.0, "vib": u + t * 0.1, "rpm": 3.0 * t}
+        for u in range(1, 13)
+        for t in range(1, 41)
+    ]
+    path = tmp_path / "fleet.parquet"
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    proc = _main(
+        "--config=configs/cnn_bilstm.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.data.source=csv",
+        f"--config.data.paths=('{path}',)",
+        "--config.data.columns.unit=engine",
+        "--config.data.columns.time=t",
+        "--config.data.columns.settings=('load','temp')",
+        "--config.data.columns.sensors=('vib','rpm')",
+        "--config.data.window=10",
+        "--config.train.batch_size=32",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "w" / "data_summary.json").read_text())
+    assert summary["features"] == ["vib", "rpm"]
+    assert summary["train_windows"] + summary["val_windows"] == 12 * 31
+
+
+def test_synthetic_source(tmp_path):
+    proc = _main(
+        "--config=configs/tft.py",
+        f"--workdir={tmp_path}",
+        "--config.data.source=synthetic",
+        "--config.data.synthetic.num_units=20",
+        "--config.data.synthetic.num_conditions=6",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    assert summary["num_conditions"] == 6 and summary["train_units"] == 16
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_cmd = next(ln for ln in ci.splitlines() if "pytest" in ln and not ln.startswith("#"))
+    assert test_cmd in readme
