@@ -9,23 +9,7 @@ Hardware-dependent fields default to 'auto' and are resolved at start-up (and lo
 import ml_collections
 from ml_collections import config_dict
 
-# The 14 C-MAPSS sensors that carry information (DESIGN.md protocol).
-CMAPSS_SENSORS = (
-    "s_2",
-    "s_3",
-    "s_4",
-    "s_7",
-    "s_8",
-    "s_9",
-    "s_11",
-    "s_12",
-    "s_13",
-    "s_14",
-    "s_15",
-    "s_17",
-    "s_20",
-    "s_21",
-)
+from pdm_jax.data.download import DEFAULT_URL
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -42,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.subset = "FD001"  # C-MAPSS FD001..FD004; FD001 ships with the package
     data.data_dir = config_dict.placeholder(str)  # else $PDM_DATA_DIR, embedded FD001, user cache
     data.download = True  # fetch a missing C-MAPSS subset into the user cache (sha256-checked)
+    data.download_url = DEFAULT_URL  # NASA's public "Turbofan Engine Degradation Simulation" zip
     data.paths = ()  # csv: files or globs (.csv/.parquet); each entry is one dataset
     data.test_paths = ()  # csv: test units of dataset i in entry i (RUL truth from columns.rul)
     data.columns = ml_collections.ConfigDict()

@@ -45,7 +45,9 @@ def load(data_cfg: Any, data_dir: str | None = None) -> RawData:
             from pdm_jax.data import download
 
             log.info("C-MAPSS %s is not cached; downloading it", data_cfg.subset)
-            download.download_cmapss(cmapss.cache_dir(), subsets=(data_cfg.subset,))
+            download.download_cmapss(
+                cmapss.cache_dir(), url=data_cfg.download_url, subsets=(data_cfg.subset,)
+            )
         return cmapss.load_cmapss(data_cfg.subset, directory, sensors, data_cfg.nan_policy)
     if source == "csv":
         return load_user_data(

@@ -52,10 +52,10 @@ def _check(
 ) -> None:
     """A typed error naming the argument, so a bad value from a config or flag reads as one line."""
     if integer and (isinstance(value, bool) or not isinstance(value, int | np.integer)):
-        raise ConfigError(f"synthetic data: {name}={value!r}, expected an integer")
+        raise ConfigError(f"config.data.synthetic.{name}={value!r}: expected an integer")
     if not math.isfinite(value) or value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"synthetic data: {name}={value!r}, expected {bound}")
+        raise ConfigError(f"config.data.synthetic.{name}={value!r}: expected {bound}")
 
 
 def _plant(

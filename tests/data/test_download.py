@@ -6,7 +6,6 @@ import functools
 import hashlib
 import http.server
 import io
-import os
 import pathlib
 import re
 import subprocess
@@ -18,21 +17,16 @@ import pytest
 
 from pdm_jax.data import cmapss, download
 from pdm_jax.errors import DataError
+from tests.conftest import load_config, shared_cmapss_dir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL_FILES = [name for subset in cmapss.SUBSETS for name in cmapss.subset_files(subset)]
 
 
-def _data_dir() -> pathlib.Path:
-    return pathlib.Path(
-        os.environ.get(cmapss.ENV_DATA_DIR) or REPO_ROOT.parent / "shared" / "data" / "cmapss"
-    )
-
-
 @pytest.fixture(scope="module")
 def originals() -> dict[str, bytes]:
     """The real files (read-only: never written to)."""
-    directory = _data_dir()
+    directory = shared_cmapss_dir()
     missing = [name for name in ALL_FILES if not (directory / name).is_file()]
     if missing:
         pytest.fail(
@@ -224,3 +218,23 @@ def test_script_end_to_end(server, dest):
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "Traceback" not in bad.stderr
     _assert_untouched(dest.parent / "other")
+
+
+def test_training_data_path_downloads_a_missing_subset_into_the_cache(
+    server, tmp_path, monkeypatch
+):
+    """config.data.download: a subset found nowhere is fetched into the user cache, then used."""
+    from pdm_jax.data import sources
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = load_config().data
+    cfg.subset = "FD003"
+    cfg.download_url = server.url("good.zip")
+    data = sources.load(cfg)
+    assert data.train.num_units == 100 and data.test.num_units == 100
+    cached = sorted(p.name for p in cmapss.cache_dir().iterdir())
+    assert cached == sorted(cmapss.subset_files("FD003"))
+    cfg.subset = "FD002"
+    cfg.download = False
+    with pytest.raises(DataError, match="C-MAPSS FD002 not found"):
+        sources.load(cfg)
