@@ -20,6 +20,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.name = "tft"  # 'tft' | 'cnn_bilstm'
     config.model.quantiles = (0.1, 0.5, 0.9)
     config.model.dropout = 0.1
+    # Gradient checkpointing per block (TFT: 'vsn', 'lstm', 'attention'; CNN-BiLSTM: 'conv',
+    # 'lstm') and the jax.checkpoint policy used for them.
+    config.model.remat = ()
+    config.model.remat_policy = "nothing_saveable"
+    config.model.tft = ml_collections.ConfigDict()
+    config.model.tft.hidden = 64
+    config.model.tft.heads = 4
+    config.model.tft.var_hidden = 32  # per-variable ("continuous") hidden size
+    config.model.tft.lstm_layers = 1
+    config.model.cnn_bilstm = ml_collections.ConfigDict()
+    config.model.cnn_bilstm.channels = (64, 64)
+    config.model.cnn_bilstm.kernel = 3
+    config.model.cnn_bilstm.dilations = (1, 1)
+    config.model.cnn_bilstm.activation = "relu"  # 'relu' | 'gelu' | 'tanh' | 'elu'
+    config.model.cnn_bilstm.lstm_hidden = 64  # per direction
+    config.model.cnn_bilstm.lstm_layers = 1
+    config.model.cnn_bilstm.pooling = "last"  # 'last' | 'mean' | 'max' (masked)
+    config.model.cnn_bilstm.dense = 64
 
     data = config.data = ml_collections.ConfigDict()
     data.source = "cmapss"  # 'cmapss' | 'csv' | 'synthetic'

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import configuration, datacheck
+from pdm_jax import configuration, datacheck, hostmem
 from pdm_jax.errors import PdmError
 
 FLAGS = flags.FLAGS
@@ -30,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    hostmem.tune()
     config = FLAGS.config
     if FLAGS.data_dir:
         config.data.data_dir = FLAGS.data_dir

@@ -37,7 +37,9 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
         "--config=configs/cnn_bilstm.py", f"--workdir={tmp_path}", "--config.data.window=0"
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: config.data.window: expected an integer > 0, got 0"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: config.data.window: expected an integer > 0, got 0"]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
     proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", "--config.data.subset=FD009")
     assert proc.returncode == 2 and "config.data.subset" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,222 @@
+"""Speed and memory of the models and the input pipeline, one JSON object per measurement.
+
+    python scripts/benchmark.py --model=tft --batch=256 --steps=200 [--dtype=float32|bfloat16]
+        [--remat] [--what=train,infer,data,memory] [--infer_batch=1024]
+
+Runs on C-MAPSS FD001 windows (embedded). JSON on stdout, progress on stderr. Speeds are medians
+over steady-state steps (compile and warm-up excluded, `block_until_ready` on every step). Run it
+beside ../shared/peers/run_all.sh and compare ratios, not absolute figures, across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(model: str) -> Any:
+    spec = importlib.util.spec_from_file_location("bench_cfg", REPO / "configs" / f"{model}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def _base(args: argparse.Namespace, spec: Any, params: Any, malloc_tuned: bool) -> dict[str, Any]:
+    import flax
+
+    devices = jax.devices()
+    return {
+        "model": args.model,
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "batch": args.batch,
+        "window": spec.window,
+        "features": spec.num_features,
+        "dtype": args.dtype,
+        "remat": list(spec.remat),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "malloc_tuned": malloc_tuned,
+    }
+
+
+def _timed(fn: Any, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+        if (i + 1) % 50 == 0:
+            _log(f"  {i + 1}/{steps} steps")
+    return times
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tft", "cnn_bilstm"], default="tft")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--infer_batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--remat", action="store_true", help="rematerialise every block")
+    parser.add_argument("--what", default="train,infer,data")
+    parser.add_argument(
+        "--no_malloc_tuning",
+        action="store_true",
+        help="measure without pdm_jax.hostmem.tune() (glibc thresholds)",
+    )
+    args = parser.parse_args(argv)
+    what = set(args.what.split(","))
+
+    from pdm_jax import hostmem
+
+    malloc_tuned = False if args.no_malloc_tuning else hostmem.tune()
+
+    from pdm_jax import models, steps
+    from pdm_jax.data import dataset
+    from pdm_jax.data.pipeline import TrainIterator
+    from pdm_jax.models import layers
+
+    config = _config(args.model)
+    prepared = dataset.prepare(config.data, config.seed)
+    blocks = {"tft": ("vsn", "lstm", "attention"), "cnn_bilstm": ("conv", "lstm")}[args.model]
+
+    def build(batch: int, remat: bool) -> tuple[Any, Any, Any]:
+        config.model.remat = blocks if remat else ()
+        spec = layers.spec_from_config(
+            config.model, prepared.train.features.shape[1], config.data.window, dtype=args.dtype
+        )
+        graphdef, params = models.split(models.build(spec, config.seed))
+        return spec, graphdef, params
+
+    spec, graphdef, params = build(args.batch, args.remat)
+    base = _base(args, spec, params, malloc_tuned)
+    iterator = TrainIterator(prepared.train, args.batch, config.seed, prefetch=0, num_threads=0)
+    batches = [steps.as_arrays(next(iterator)) for _ in range(8)]
+
+    if "train" in what:
+        _log(f"train: {args.model}, batch {args.batch}, {args.steps} steps")
+        optimizer = optax.adam(config.train.learning_rate)
+        opt_state = optimizer.init(params)
+        train_step = steps.make_train_step(graphdef, spec, optimizer)
+        key = jax.random.key(0)
+        start = time.perf_counter()
+        compiled = train_step.lower(params, opt_state, batches[0], key).compile()
+        compile_s = time.perf_counter() - start
+        state = {"params": params, "opt": opt_state, "i": 0}
+
+        def one() -> Any:
+            i = state["i"]
+            state["params"], state["opt"], metrics = compiled(
+                state["params"], state["opt"], batches[i % len(batches)], jax.random.fold_in(key, i)
+            )
+            state["i"] = i + 1
+            return metrics["loss"]
+
+        times = np.asarray(_timed(one, args.steps, args.warmup))
+        print(
+            json.dumps(
+                {
+                    **base,
+                    "what": "train",
+                    "compile_s": round(compile_s, 2),
+                    "train_samples_per_s": round(args.batch / float(np.median(times)), 1),
+                    "step_ms_p50": round(1000 * float(np.median(times)), 2),
+                    "step_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
+                    "peak_host_rss_mb": round(_peak_rss_mb(), 1),
+                }
+            ),
+            flush=True,
+        )
+        params = state["params"]
+
+    if "infer" in what:
+        _log(f"infer: batch {args.infer_batch}")
+        predict = steps.make_predict_step(graphdef, spec)
+        ids = np.arange(args.infer_batch) % len(prepared.train)
+        batch = steps.as_arrays(prepared.train.gather(ids))
+        start = time.perf_counter()
+        compiled = predict.lower(params, batch).compile()
+        compile_s = time.perf_counter() - start
+        times = np.asarray(_timed(lambda: compiled(params, batch)["pred"], args.steps, args.warmup))
+        print(
+            json.dumps(
+                {
+                    **base,
+                    "what": "infer",
+                    "infer_batch": args.infer_batch,
+                    "compile_s": round(compile_s, 2),
+                    "infer_windows_per_s": round(args.infer_batch / float(np.median(times)), 1),
+                    "peak_host_rss_mb": round(_peak_rss_mb(), 1),
+                }
+            ),
+            flush=True,
+        )
+
+    if "memory" in what:
+        record = {**base, "what": "memory"}
+        for remat in (False, True):
+            _log(f"memory: compiled train step, remat={remat}")
+            spec_m, graphdef_m, params_m = build(args.batch, remat)
+            optimizer = optax.adam(1e-3)
+            opt_state = optimizer.init(params_m)
+            train_step = steps.make_train_step(graphdef_m, spec_m, optimizer)
+            compiled = train_step.lower(
+                params_m, opt_state, batches[0], jax.random.key(0)
+            ).compile()
+            analysis = compiled.memory_analysis()
+            suffix = "_remat" if remat else ""
+            record[f"temp_bytes{suffix}"] = int(analysis.temp_size_in_bytes)
+        print(json.dumps(record), flush=True)
+
+    if "data" in what:
+        _log("data: grain pipeline alone")
+        it = TrainIterator(
+            prepared.train,
+            args.batch,
+            config.seed,
+            num_threads=config.data.num_threads,
+            prefetch=config.data.prefetch,
+        )
+        times = np.asarray(_timed(lambda: next(it)["x"], args.steps, args.warmup))
+        print(
+            json.dumps(
+                {
+                    **base,
+                    "what": "data",
+                    "data_windows_per_s": round(args.batch / float(np.median(times)), 1),
+                    "peak_host_rss_mb": round(_peak_rss_mb(), 1),
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

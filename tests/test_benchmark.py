@@ -1,0 +1,55 @@
+"""scripts/benchmark.py runs and prints the JSON keys people rely on (speed never asserted)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_benchmark_smoke_prints_every_measurement():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "--model=cnn_bilstm",
+            "--batch=32",
+            "--steps=3",
+            "--warmup=1",
+            "--infer_batch=64",
+            "--what=train,infer,data,memory",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = {r["what"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
+    assert set(records) == {"train", "infer", "data", "memory"}
+    common = {
+        "model",
+        "params",
+        "batch",
+        "window",
+        "dtype",
+        "device_kind",
+        "device_count",
+        "jax",
+        "flax",
+    }
+    for record in records.values():
+        assert common <= set(record)
+        assert record["model"] == "cnn_bilstm" and record["params"] > 0
+    train = records["train"]
+    assert {
+        "compile_s",
+        "train_samples_per_s",
+        "step_ms_p50",
+        "step_ms_p90",
+        "peak_host_rss_mb",
+    } <= set(train)
+    assert train["train_samples_per_s"] > 0
+    assert records["infer"]["infer_windows_per_s"] > 0
+    assert records["data"]["data_windows_per_s"] > 0
+    assert records["memory"]["temp_bytes"] > 0 and records["memory"]["temp_bytes_remat"] > 0
