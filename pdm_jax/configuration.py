@@ -6,6 +6,7 @@ values that parse but cannot work (a negative window, an unknown source, an impo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -16,6 +17,8 @@ from pdm_jax.data.validate import NAN_POLICIES
 from pdm_jax.errors import ConfigError
 
 MODELS = ("tft", "cnn_bilstm")
+# The repository's configs/ (an editable install; installed elsewhere, pass a path).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -135,6 +138,26 @@ def validate(config: Any) -> None:
         "'auto', 'float32' or 'bfloat16'",
         config.compute.dtype,
     )
+
+
+def load_module(path: str | os.PathLike) -> Any:
+    """Imports a Python config file by path (configs/ is not a package; any cwd works)."""
+    path = os.fspath(path)
+    name = "pdm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: cannot load as a config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(name_or_path: str) -> Any:
+    """`get_config()` of configs/<name>.py (or of a config file path), as --config loads it."""
+    path = name_or_path
+    if not path.endswith(".py"):
+        path = os.path.join(CONFIG_DIR, f"{name_or_path}.py")
+    return load_module(path).get_config()
 
 
 def save(config: Any, workdir: str) -> str:

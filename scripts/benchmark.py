@@ -11,9 +11,7 @@ beside ../shared/peers/run_all.sh and compare ratios, not absolute figures, acro
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import pathlib
 import resource
 import sys
 import time
@@ -22,15 +20,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config(model: str) -> Any:
-    spec = importlib.util.spec_from_file_location("bench_cfg", REPO / "configs" / f"{model}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _log(msg: str) -> None:
@@ -97,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     malloc_tuned = False if args.no_malloc_tuning else hostmem.tune()
 
-    from pdm_jax import models, steps
+    from pdm_jax import configuration, models, steps
     from pdm_jax.data import dataset
     from pdm_jax.data.pipeline import TrainIterator
     from pdm_jax.models import layers
 
-    config = _config(args.model)
+    config = configuration.load_config(args.model)
     prepared = dataset.prepare(config.data, config.seed)
     blocks = {"tft": ("vsn", "lstm", "attention"), "cnn_bilstm": ("conv", "lstm")}[args.model]
 

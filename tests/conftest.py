@@ -49,9 +49,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 def load_config(name: str = "tft"):
     """A config from configs/<name>.py, exactly as --config=configs/<name>.py loads it."""
-    import importlib.util
+    from pdm_jax.configuration import load_config as load
 
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load(name)
