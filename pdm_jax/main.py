@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import configuration, datacheck, hostmem
+from pdm_jax import configuration, datacheck, hostmem, train
 from pdm_jax.errors import PdmError
 
 FLAGS = flags.FLAGS
@@ -17,8 +17,13 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tft.py.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Run directory for logs, config.json and summaries (local).")
-# Training modes (train, eval, train_and_eval) arrive with the training loop.
-flags.DEFINE_enum("mode", "data", ["data"], "data: run the data path and report on it.")
+flags.DEFINE_enum(
+    "mode",
+    "train_and_eval",
+    ["train_and_eval", "train", "data"],
+    "train_and_eval: train, early-stop on validation, score the test units (report.json); "
+    "train: the same without the test report; data: run the data path and report on it.",
+)
 flags.DEFINE_string(
     "data_dir",
     None,
@@ -37,7 +42,12 @@ def main(argv: list[str]) -> None:
     try:
         configuration.validate(config)
         logging.info("config:\n%s", config)
-        datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
+        if FLAGS.mode == "data":
+            datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
+        else:
+            train.train_and_evaluate(
+                config, FLAGS.workdir, FLAGS.data_dir, test=FLAGS.mode == "train_and_eval"
+            )
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)

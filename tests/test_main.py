@@ -20,7 +20,7 @@ def _main(*args, env=None):
 
 
 def test_main_runs_the_data_path_on_embedded_fd001(tmp_path):
-    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}")
+    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", "--mode=data")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "data_summary.json").read_text())
     assert summary["train_windows"] + summary["val_windows"] == 17731
@@ -79,6 +79,7 @@ def test_csv_run_with_tuple_overrides_from_the_command_line(tmp_path):
         "--config.data.columns.sensors=('vib','rpm')",
         "--config.data.window=10",
         "--config.train.batch_size=32",
+        "--mode=data",
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "w" / "data_summary.json").read_text())
@@ -93,6 +94,7 @@ def test_synthetic_source(tmp_path):
         "--config.data.source=synthetic",
         "--config.data.synthetic.num_units=20",
         "--config.data.synthetic.num_conditions=6",
+        "--mode=data",
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "data_summary.json").read_text())
@@ -104,3 +106,25 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     test_cmd = next(ln for ln in ci.splitlines() if "pytest" in ln and not ln.startswith("#"))
     assert test_cmd in readme
+
+
+def test_main_trains_and_reports(tmp_path):
+    proc = _main(
+        "--config=configs/cnn_bilstm.py",
+        f"--workdir={tmp_path}",
+        "--config.train.num_steps=12",
+        "--config.train.eval_every=6",
+        "--config.train.batch_size=64",
+        "--config.model.cnn_bilstm.channels=(8,)",
+        "--config.model.cnn_bilstm.dilations=(1,)",
+        "--config.model.cnn_bilstm.lstm_hidden=8",
+        "--config.model.cnn_bilstm.dense=8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [6, 12]
+    assert all(r["val_rmse"] > 0 and r["loss"] > 0 for r in records)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 12 and report["best_step"] in (6, 12)
+    assert report["test"]["count"] == 100 and report["test"]["rmse"] > 0
+    assert len(report["per_unit"]) == 100 and report["per_unit"][0]["unit"] == 1
