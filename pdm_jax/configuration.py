@@ -7,10 +7,10 @@ values that parse but cannot work (a negative window, an unknown source, an impo
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Any
 
+from pdm_jax import jsonio
 from pdm_jax.data.cmapss import SUBSETS
 from pdm_jax.data.sources import SOURCES
 from pdm_jax.data.validate import NAN_POLICIES
@@ -164,8 +164,5 @@ def save(config: Any, workdir: str) -> str:
     """Writes the resolved config as JSON into the run directory (workdir/config.json)."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(config.to_dict(), handle, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    jsonio.write_json(path, config.to_dict())
     return path

@@ -12,19 +12,12 @@ import os
 import time
 from typing import Any
 
-from pdm_jax import configuration
+from pdm_jax import configuration, jsonio
 from pdm_jax.data import dataset
 from pdm_jax.data.pipeline import TrainIterator
 from pdm_jax.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def run(config: Any, workdir: str, data_dir: str | None = None) -> dict[str, Any]:
@@ -54,7 +47,7 @@ def run(config: Any, workdir: str, data_dir: str | None = None) -> dict[str, Any
     summary["epoch_batches"] = epoch_batches
     summary["data_windows_per_s"] = round(epoch_batches * config.train.batch_size / elapsed, 1)
     summary["iterator_state"] = batches.get_state()
-    _write_json(os.path.join(workdir, "scaler.json"), prepared.scaler.to_dict())
-    _write_json(os.path.join(workdir, "data_summary.json"), summary)
+    jsonio.write_json(os.path.join(workdir, "scaler.json"), prepared.scaler.to_dict())
+    jsonio.write_json(os.path.join(workdir, "data_summary.json"), summary)
     log.info("wrote %s", os.path.join(workdir, "data_summary.json"))
     return summary

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import optax
 
-from pdm_jax import configuration, metrics, models, steps
+from pdm_jax import configuration, jsonio, metrics, models, steps
 from pdm_jax.data import dataset
 from pdm_jax.data.pipeline import TrainIterator, Windows, eval_batches
 from pdm_jax.models import layers
@@ -61,11 +61,6 @@ def evaluate(predict: Any, params: Any, windows: Windows) -> dict[str, Any]:
         "unit": np.concatenate(units),
         **metrics.rul_metrics(pred, true),
     }
-
-
-def _append_jsonl(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def train_and_evaluate(
@@ -136,7 +131,7 @@ def train_and_evaluate(
                 stale += 1
         else:
             best = {"rmse": float("nan"), "step": step, "params": params}
-        _append_jsonl(metrics_path, record)
+        jsonio.append_jsonl(metrics_path, record)
         log.info("step %d: %s", step, json.dumps(record))
         if train_cfg.patience and stale >= train_cfg.patience:
             log.info("early stopping at step %d (best step %d)", step, best["step"])
@@ -164,8 +159,5 @@ def train_and_evaluate(
             for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
         ]
         log.info("test: %s", json.dumps(report["test"]))
-    tmp = os.path.join(workdir, "report.json.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(tmp, os.path.join(workdir, "report.json"))
+    jsonio.write_json(os.path.join(workdir, "report.json"), report)
     return report
