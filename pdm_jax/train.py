@@ -63,6 +63,12 @@ def evaluate(predict: Any, params: Any, windows: Windows) -> dict[str, Any]:
     }
 
 
+def snapshot(params: Any) -> Any:
+    """A host copy of params: the train step donates its inputs, so a reference kept to the best
+    parameters would point at deleted buffers by the next step."""
+    return jax.device_get(params)
+
+
 def train_and_evaluate(
     config: Any, workdir: str, data_dir: str | None = None, test: bool = True
 ) -> dict[str, Any]:
@@ -100,7 +106,7 @@ def train_and_evaluate(
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    best: dict[str, Any] = {"rmse": float("inf"), "step": 0, "params": params}
+    best: dict[str, Any] = {"rmse": float("inf"), "step": 0, "params": snapshot(params)}
     stale = 0
     losses: list[jax.Array] = []
     progress = Progress(num_steps, "steps", f"training {spec.name}")
@@ -125,12 +131,12 @@ def train_and_evaluate(
             val = evaluate(predict, params, prepared.val)
             record.update(val_rmse=val["rmse"], val_mae=val["mae"])
             if val["rmse"] < best["rmse"]:
-                best = {"rmse": val["rmse"], "step": step, "params": params}
+                best = {"rmse": val["rmse"], "step": step, "params": snapshot(params)}
                 stale = 0
             else:
                 stale += 1
         else:
-            best = {"rmse": float("nan"), "step": step, "params": params}
+            best = {"rmse": float("nan"), "step": step, "params": snapshot(params)}
         jsonio.append_jsonl(metrics_path, record)
         log.info("step %d: %s", step, json.dumps(record))
         if train_cfg.patience and stale >= train_cfg.patience:
