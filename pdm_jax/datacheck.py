@@ -14,7 +14,6 @@ from typing import Any
 
 from pdm_jax import configuration, jsonio
 from pdm_jax.data import dataset
-from pdm_jax.data.pipeline import TrainIterator
 from pdm_jax.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,7 @@ def run(config: Any, workdir: str, data_dir: str | None = None) -> dict[str, Any
     summary = prepared.summary()
     summary["prepare_s"] = round(time.perf_counter() - t0, 3)
     log.info("data: %s", json.dumps(summary))
-    batches = TrainIterator(
-        prepared.train,
-        config.train.batch_size,
-        config.seed,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-    )
+    batches = dataset.train_batches(prepared, config)
     epoch_batches = batches.order.batches_per_epoch
     progress = Progress(epoch_batches * config.train.batch_size, "windows", "one training epoch")
     start = time.perf_counter()

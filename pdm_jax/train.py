@@ -22,7 +22,7 @@ import optax
 
 from pdm_jax import configuration, jsonio, metrics, models, steps
 from pdm_jax.data import dataset
-from pdm_jax.data.pipeline import TrainIterator, Windows, eval_batches
+from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.models import layers
 from pdm_jax.progress import Progress
 
@@ -91,13 +91,7 @@ def train_and_evaluate(
     opt_state = optimizer.init(params)
     train_step = steps.make_train_step(graphdef, spec, optimizer)
     predict = steps.make_predict_step(graphdef, spec)
-    batches = TrainIterator(
-        prepared.train,
-        train_cfg.batch_size,
-        config.seed,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-    )
+    batches = dataset.train_batches(prepared, config)
     per_epoch = batches.order.batches_per_epoch
     num_steps = train_cfg.num_steps or train_cfg.num_epochs * per_epoch
     eval_every = max(int(train_cfg.eval_every), 1)

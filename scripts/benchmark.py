@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdm_jax.models import layers
 
     config = configuration.load_config(args.model)
+    config.train.batch_size = args.batch
     prepared = dataset.prepare(config.data, config.seed)
     blocks = {"tft": ("vsn", "lstm", "attention"), "cnn_bilstm": ("conv", "lstm")}[args.model]
 
@@ -185,13 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "data" in what:
         _log("data: grain pipeline alone")
-        it = TrainIterator(
-            prepared.train,
-            args.batch,
-            config.seed,
-            num_threads=config.data.num_threads,
-            prefetch=config.data.prefetch,
-        )
+        it = dataset.train_batches(prepared, config)
         times = np.asarray(_timed(lambda: next(it)["x"], args.steps, args.warmup))
         print(
             json.dumps(

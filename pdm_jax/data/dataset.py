@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pdm_jax.data import features, sources
-from pdm_jax.data.pipeline import Windows, window_ends
+from pdm_jax.data.pipeline import TrainIterator, Windows, window_ends
 from pdm_jax.data.table import DATASET, TIME, UNIT, RawData, RunTable
 from pdm_jax.errors import ConfigError
 
@@ -100,6 +100,17 @@ def make_windows(
 
 def feature_columns(table: RunTable, use_settings: bool) -> tuple[str, ...]:
     return (*table.settings, *table.sensors) if use_settings else table.sensors
+
+
+def train_batches(prepared: Prepared, config: Any) -> TrainIterator:
+    """The training stream the config asks for: global batch, seed order, prefetch settings."""
+    return TrainIterator(
+        prepared.train,
+        config.train.batch_size,
+        config.seed,
+        num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+    )
 
 
 def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
