@@ -12,6 +12,11 @@ from ml_collections import config_dict
 from pdm_jax.data.download import DEFAULT_URL
 
 
+def auto() -> config_dict.FieldReference:
+    """A field that is 'auto' (decided at start-up from the hardware, then logged) or a value."""
+    return config_dict.FieldReference("auto", field_type=object)
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -21,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.quantiles = (0.1, 0.5, 0.9)
     config.model.dropout = 0.1
     # Gradient checkpointing per block (TFT: 'vsn', 'lstm', 'attention'; CNN-BiLSTM: 'conv',
-    # 'lstm') and the jax.checkpoint policy used for them.
-    config.model.remat = ()
+    # 'lstm') and the jax.checkpoint policy used for them; 'auto': on only when memory is short.
+    config.model.remat = auto()
     config.model.remat_policy = "nothing_saveable"
     config.model.tft = ml_collections.ConfigDict()
     config.model.tft.hidden = 64
@@ -64,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.val_fraction = 0.2  # share of training units held out (by unit) for validation
     data.window = 30
     data.stride = 1
-    data.num_threads = 1  # grain prefetch threads (data is in memory: more threads fight the GIL)
+    data.num_threads = auto()  # grain prefetch threads; 'auto': 1 on CPU (in memory, GIL-bound)
     data.prefetch = 4  # batches prefetched ahead of the training step
     data.synthetic = ml_collections.ConfigDict()
     data.synthetic.num_units = 200
@@ -76,16 +81,32 @@ def get_config() -> ml_collections.ConfigDict:
     train.num_steps = 0  # 0 = until early stopping / num_epochs
     train.num_epochs = 30
     train.batch_size = 256  # global batch: fixed by the config, never by the hardware
-    train.grad_accum = "auto"  # 'auto' or an int
+    # Microbatches per update: per-device batch = batch_size / (data-parallel size * grad_accum);
+    # 'auto' picks the smallest that fits device memory.
+    train.grad_accum = auto()
     train.learning_rate = 1e-3
+    train.weight_decay = 1e-4  # AdamW's decoupled weight decay
+    train.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
+    train.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', after linear warm-up
     train.warmup_steps = 100
     train.schedule_steps = 5000  # the LR schedule's own length, independent of num_steps
     train.patience = 10  # evaluations without improvement before early stopping
     train.eval_every = 200
+    train.log_every = 50  # steps between train-loss lines in metrics.jsonl / TensorBoard
+    train.tensorboard = True  # TensorBoard event files under <workdir>/tb
 
     config.compute = ml_collections.ConfigDict()
     config.compute.dtype = "auto"  # 'auto' | 'float32' | 'bfloat16'
-    config.compute.mesh = "auto"
+    config.compute.mesh = auto()  # (data, model) device counts; model is reserved (1)
+    config.compute.xla_flags = "auto"  # extra XLA flags for this platform; '' = none
+    config.compute.compilation_cache = "auto"  # persistent compile cache dir; '' = off
+
+    # Multi-host: empty = single process, or whatever JAX detects (SLURM, MPI, TPU pods).
+    dist = config.distributed = ml_collections.ConfigDict()
+    dist.coordinator = config_dict.placeholder(str)  # 'host:port' of process 0
+    dist.num_processes = 0  # 0 = detect
+    dist.process_id = -1  # -1 = detect
+    dist.timeout_s = 300
 
     ckpt = config.checkpoint = ml_collections.ConfigDict()
     ckpt.uri = config_dict.placeholder(str)  # default <workdir>/checkpoints; gs://, s3://, az://

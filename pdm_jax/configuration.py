@@ -17,6 +17,7 @@ from pdm_jax.data.validate import NAN_POLICIES
 from pdm_jax.errors import ConfigError
 
 MODELS = ("tft", "cnn_bilstm")
+SCHEDULES = ("cosine", "linear", "constant")
 # The repository's configs/ (an editable install; installed elsewhere, pass a path).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -100,9 +101,9 @@ def validate(config: Any) -> None:
         0 <= data.val_fraction < 1, "data.val_fraction", "a value in [0, 1)", data.val_fraction
     )
     _require(
-        _is_int(data.num_threads) and data.num_threads >= 0,
+        data.num_threads == "auto" or (_is_int(data.num_threads) and data.num_threads >= 0),
         "data.num_threads",
-        "an integer >= 0",
+        "'auto' or an integer >= 0",
         data.num_threads,
     )
     _require(
@@ -126,12 +127,39 @@ def validate(config: Any) -> None:
     )
     accum = train.grad_accum
     _require(
-        accum == "auto" or (str(accum).isdigit() and int(accum) > 0),
+        accum == "auto"
+        or (not isinstance(accum, bool) and str(accum).isdigit() and int(accum) > 0),
         "train.grad_accum",
         "'auto' or an integer > 0",
         accum,
     )
     _require(train.learning_rate > 0, "train.learning_rate", "a number > 0", train.learning_rate)
+    _require(train.weight_decay >= 0, "train.weight_decay", "a number >= 0", train.weight_decay)
+    _require(train.clip_norm >= 0, "train.clip_norm", "a number >= 0 (0 = off)", train.clip_norm)
+    _require(train.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}", train.schedule)
+    for key in ("warmup_steps", "schedule_steps", "patience", "num_epochs"):
+        _require(
+            _is_int(train[key]) and train[key] >= 0, f"train.{key}", "an integer >= 0", train[key]
+        )
+    for key in ("eval_every", "log_every"):
+        _require(
+            _is_int(train[key]) and train[key] > 0, f"train.{key}", "an integer > 0", train[key]
+        )
+    remat = config.model.remat
+    _require(
+        remat == "auto" or isinstance(remat, tuple | list),
+        "model.remat",
+        "'auto' or a tuple of block names",
+        remat,
+    )
+    ckpt = config.checkpoint
+    for key in ("every_steps", "keep"):
+        _require(
+            _is_int(ckpt[key]) and ckpt[key] >= 0, f"checkpoint.{key}", "an integer >= 0", ckpt[key]
+        )
+    _require(
+        ckpt.every_minutes >= 0, "checkpoint.every_minutes", "a number >= 0", ckpt.every_minutes
+    )
     _require(
         config.compute.dtype in ("auto", "float32", "bfloat16"),
         "compute.dtype",

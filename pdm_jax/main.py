@@ -4,6 +4,7 @@ Intentionally short (flax/examples style): flags, logging, config checks, then o
 A DataError/ConfigError becomes one line on stderr and exit code 2, no traceback.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -53,8 +54,31 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag (unknown config key, wrong type) is one line and exit 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        sys.stderr.write(f"error: {_flag_error(err)}\n")
+        sys.exit(2)
+    except (AttributeError, KeyError) as err:  # config_flags: a key the config does not have
+        key = str(err).strip("\"'")
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
+        name = bad[0].lstrip("-") if bad else key
+        sys.stderr.write(f"error: {name}: no such config key\n")
+        sys.exit(2)
+
+
+def _flag_error(err: Exception) -> str:
+    text = str(err).splitlines()[0]
+    match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
+    if match:
+        return f"{match.group(1)}: cannot parse {match.group(2)!r} ({match.group(3)})"
+    return text
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Progress:
         self.interval = 0.1 if self.tty else log_every_s
         self.enabled = enabled
         self.count = 0
+        self.status = ""  # free text shown after the rate, e.g. "epoch 3.2, loss 0.41"
         self.start = time.perf_counter()
         self._last = 0.0
 
@@ -43,7 +44,8 @@ class Progress:
         eta = ""
         if self.total and rate > 0:
             eta = f", eta {max(self.total - self.count, 0) / rate:.0f}s"
-        return f"{self.desc}: {done} {self.unit} ({rate:,.0f} {self.unit}/s{eta})"
+        status = f", {self.status}" if self.status else ""
+        return f"{self.desc}: {done} {self.unit} ({rate:,.1f} {self.unit}/s{eta}{status})"
 
     def update(self, n: int = 1) -> None:
         self.count += n

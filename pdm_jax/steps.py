@@ -7,7 +7,6 @@ want. The graphdef (the model's static structure) is closed over.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from pdm_jax import models
+from pdm_jax import models, parallel
 from pdm_jax.models import layers
 from pdm_jax.models.layers import ModelSpec
 
@@ -36,37 +36,102 @@ def make_loss_fn(graphdef: nnx.GraphDef, spec: ModelSpec) -> Callable[..., jax.A
     return loss_fn
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, spec: ModelSpec, optimizer: optax.GradientTransformation
-) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-    """(params, opt_state, batch, key) -> (params, opt_state, metrics); params and optimizer
-    state are donated, the dropout key for this step is `fold_in(key, step)` by the caller."""
-    loss_fn = make_loss_fn(graphdef, spec)
+def microbatches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [accum, B/accum, ...], microbatch j = rows j, j+accum, j+2*accum, ...
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+    Strided rather than contiguous: every device's shard of the data axis holds an equal part of
+    each microbatch, so accumulating moves no data between devices.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    spec: ModelSpec,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    grad_accum: int = 1,
+    seed: int = 0,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+    """(params, opt_state, batch, step) -> (params, opt_state, metrics); params and optimizer
+    state are donated. The dropout key is `fold_in(key(seed), step)`, made inside the step: an
+    integer crosses process boundaries as a replicated input where a host-made key would not.
+
+    With a mesh the step is jitted with explicit shardings: batch split on the data axis, state and
+    metrics replicated. With `grad_accum` > 1 the global batch is scanned as that many
+    microbatches and their mean gradient makes one update, the same update (up to float rounding
+    and dropout draws) as the whole batch at once.
+    """
+    loss_and_grad = jax.value_and_grad(make_loss_fn(graphdef, spec))
+    accum = int(grad_accum)
+
+    def gradients(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[Any, Any]:
+        if accum == 1:
+            return loss_and_grad(params, batch, key)
+
+        def body(carry, inputs):
+            index, micro = inputs
+            loss, grads = loss_and_grad(params, micro, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        xs = (jnp.arange(accum), microbatches(batch, accum))
+        total, _ = jax.lax.scan(body, zeros, xs)
+        return jax.tree.map(lambda t: t / accum, total)
+
+    def train_step(params, opt_state, batch, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        loss, grads = gradients(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return train_step
+    options = {"compiler_options": compiler_options} if compiler_options else {}
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1), **options)
+    state, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state, state, data, state),
+        out_shardings=(state, state, state),
+        donate_argnums=(0, 1),
+        **options,
+    )
 
 
 def make_predict_step(
-    graphdef: nnx.GraphDef, spec: ModelSpec
+    graphdef: nnx.GraphDef,
+    spec: ModelSpec,
+    mesh: Mesh | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[Any, dict[str, Any]], dict[str, jax.Array]]:
-    """(params, batch) -> {"pred": [B, Q] fp32, "point": [B] fp32}."""
+    """(params, batch) -> {"pred": [B, Q] fp32, "point": [B] fp32}; with a mesh the batch is
+    split on the data axis and the outputs come back replicated, readable on every process."""
 
-    @jax.jit
     def predict_step(params, batch):
         out = models.apply(graphdef, params, model_inputs(batch))
         return {"pred": out["pred"], "point": layers.point_prediction(out["pred"], spec.quantiles)}
 
-    return predict_step
+    options = {"compiler_options": compiler_options} if compiler_options else {}
+    if mesh is None:
+        return jax.jit(predict_step, **options)
+    state, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(predict_step, in_shardings=(state, data), out_shardings=state, **options)
+
+
+TRAIN_KEYS = (*MODEL_INPUTS, "y", "weight")
+
+
+def host_arrays(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a host batch a train step reads (others, e.g. `time`, stay home)."""
+    return {k: v for k, v in batch.items() if k in TRAIN_KEYS}
 
 
 def as_arrays(batch: dict[str, Any]) -> dict[str, jax.Array]:
-    """Host batch -> device arrays for the keys a step reads (others, e.g. `time`, stay home)."""
-    keep = (*MODEL_INPUTS, "y", "weight")
-    return {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
+    """Host batch -> single-device arrays for the keys a train step reads."""
+    return {k: jnp.asarray(v) for k, v in host_arrays(batch).items()}

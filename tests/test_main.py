@@ -1,10 +1,12 @@
 """The command-line entry, run as a user runs it: a subprocess of `python -m pdm_jax.main`."""
 
 import json
+import struct
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from tests.conftest import REPO
 
@@ -108,6 +110,24 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd in readme
 
 
+def _tensorboard_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
+    """Reads the TFRecord-framed Event protos back (length, crc, payload, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_main_trains_and_reports(tmp_path):
     proc = _main(
         "--config=configs/cnn_bilstm.py",
@@ -122,8 +142,20 @@ def test_main_trains_and_reports(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [6, 12]
-    assert all(r["val_rmse"] > 0 and r["loss"] > 0 for r in records)
+    evals = [r for r in records if "val_rmse" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["val_rmse"] > 0 and r["loss"] > 0 for r in evals)
+    assert records[-1]["step"] == 12 and records[-1]["test_rmse"] > 0
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    assert [step for step, _ in scalars["val/rmse"]] == [6, 12]
+    assert scalars["val/rmse"][-1][1] == pytest.approx(evals[-1]["val_rmse"], rel=1e-6)
+    assert scalars["train/loss"] and scalars["test/rmse"]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["packages"]["jax"] and info["data"]["fingerprint"]
+    assert info["layout"]["platform"]["backend"] == "cpu"
+    assert info["layout"]["layout"]["grad_accum"] == 1
+    resolved = json.loads((tmp_path / "config.json").read_text())
+    assert resolved["train"]["grad_accum"] == 1 and resolved["compute"]["dtype"] == "float32"
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 12 and report["best_step"] in (6, 12)
     assert report["test"]["count"] == 100 and report["test"]["rmse"] > 0

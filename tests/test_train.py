@@ -26,7 +26,7 @@ def test_best_params_snapshot_survives_the_donating_train_step():
     best = train.snapshot(params)
     kept = jax.tree.map(np.array, best)
     for i in range(2):
-        params, opt_state, _ = step(params, opt_state, batch, jax.random.key(i))
+        params, opt_state, _ = step(params, opt_state, batch, i)
     # The donated originals are gone; the snapshot is intact and usable for evaluation.
     for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(kept), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -102,13 +102,19 @@ def feature_columns(table: RunTable, use_settings: bool) -> tuple[str, ...]:
     return (*table.settings, *table.sensors) if use_settings else table.sensors
 
 
-def train_batches(prepared: Prepared, config: Any) -> TrainIterator:
-    """The training stream the config asks for: global batch, seed order, prefetch settings."""
+def train_batches(
+    prepared: Prepared, config: Any, host_index: int = 0, host_count: int = 1
+) -> TrainIterator:
+    """This host's share of the training stream the config asks for: global batch, seed order,
+    prefetch settings ('auto' threads, unresolved by a platform layout, mean 1)."""
+    threads = config.data.num_threads
     return TrainIterator(
         prepared.train,
         config.train.batch_size,
         config.seed,
-        num_threads=config.data.num_threads,
+        host_index=host_index,
+        host_count=host_count,
+        num_threads=1 if threads == "auto" else int(threads),
         prefetch=config.data.prefetch,
     )
 

@@ -87,7 +87,8 @@ def spec_from_config(
         dtype=dtype,
         static_cardinalities=tuple(int(c) for c in static_cardinalities),
         num_known=num_known,
-        remat=tuple(model_cfg.get("remat", ())),
+        # 'auto' is the platform layout's call (platform.decide); unresolved it means off.
+        remat=() if model_cfg.get("remat", ()) == "auto" else tuple(model_cfg.get("remat", ())),
         remat_policy=policy,
         hparams=tuple(
             sorted(

@@ -22,7 +22,7 @@ def test_registry_builds_each_model_and_a_train_step_runs_on_real_windows(name):
     opt_state = optimizer.init(params)
     step = steps.make_train_step(graphdef, spec, optimizer)
     batch = steps.as_arrays(prepared.train.gather(np.arange(16)))
-    params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(0))
+    params, opt_state, metrics = step(params, opt_state, batch, 0)
     assert np.isfinite(float(metrics["loss"]))
     out = steps.make_predict_step(graphdef, spec)(params, batch)
     assert out["pred"].shape == (16, spec.num_outputs) and out["point"].shape == (16,)

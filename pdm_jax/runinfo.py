@@ -1,0 +1,65 @@
+"""`run_info.json`: what produced a run, so a number in a report can be traced and reproduced.
+
+Package versions, the git commit of the code (when it is a checkout), the platform and layout
+decisions, the data fingerprint and the command line. No environment variables: they may hold
+credentials.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform as pyplatform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+PACKAGES = (
+    "pdm-jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorstore",
+    "ml-collections",
+    "numpy",
+    "pandas",
+)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit(path: str | None = None) -> str | None:
+    """The commit of the checkout holding this package, '+dirty' when it has local changes."""
+    path = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = dict(cwd=path, capture_output=True, text=True, timeout=5, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty.stdout.strip() else "") if commit else None
+
+
+def collect(layout: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "python": sys.version.split()[0],
+        "os": pyplatform.platform(),
+        "packages": versions(),
+        "git_commit": git_commit(),
+        "layout": layout,
+        "data": data,
+    }

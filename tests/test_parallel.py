@@ -1,0 +1,157 @@
+"""Data parallelism: the same global batch gives the same training on 1 device, 8 simulated
+devices, accumulated microbatches, and two real processes joined by jax.distributed."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from pdm_jax import models, parallel, steps
+from pdm_jax.data import dataset
+from pdm_jax.models import layers
+from tests.conftest import REPO, load_config
+
+TINY_CNN = [
+    "--config=configs/cnn_bilstm.py",
+    "--config.model.cnn_bilstm.channels=(16,)",
+    "--config.model.cnn_bilstm.dilations=(1,)",
+    "--config.model.cnn_bilstm.lstm_hidden=16",
+    "--config.model.cnn_bilstm.dense=16",
+    "--config.train.batch_size=64",
+    "--config.train.num_steps=20",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=10",
+    "--config.train.tensorboard=False",
+]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = os.environ.copy()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def _main(args: list[str], devices: int, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pdm_jax.main", *args],
+        cwd=REPO,
+        env=_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_one_device_and_eight_devices_train_the_same(tmp_path):
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    _finish(_main([*TINY_CNN, f"--workdir={one}"], devices=1))
+    log = _finish(_main([*TINY_CNN, f"--workdir={eight}"], devices=8))
+    assert "(8, 1)" in log  # the auto layout used all eight devices on the data axis
+    info = json.loads((eight / "run_info.json").read_text())
+    assert info["layout"]["layout"]["mesh_shape"] == [8, 1]
+    report = json.loads((eight / "report.json").read_text())
+    assert report["layout"]["per_device_batch"] == 8
+    a, b = _losses(one), _losses(eight)
+    assert len(a) == len(b) == 20
+    np.testing.assert_allclose(a, b, rtol=2e-4)
+    assert a[0] != a[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
+    port = _free_port()
+    procs = [
+        _main(
+            [
+                *TINY_CNN,
+                "--config.train.num_steps=4",
+                "--config.train.eval_every=2",
+                f"--workdir={tmp_path / f'p{i}'}",
+                f"--config.distributed.coordinator=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.timeout_s=120",
+            ],
+            devices=2,
+        )
+        for i in range(2)
+    ]
+    logs = [_finish(p) for p in procs]
+    digests = [re.findall(r"params sha256 ([0-9a-f]{64})", log) for log in logs]
+    assert digests[0] and digests[0] == digests[1], logs
+    # Process 0 owns the run directory; the mesh spans both processes' devices.
+    report = json.loads((tmp_path / "p0" / "report.json").read_text())
+    assert report["layout"]["processes"] == 2 and report["layout"]["mesh"] == [4, 1]
+    assert report["params_sha256"] == digests[0][-1]
+    assert not (tmp_path / "p1" / "report.json").exists()
+    assert len(_losses(tmp_path / "p0")) == 4
+
+
+def _tiny_setup():
+    cfg = load_config("cnn_bilstm")
+    cfg.model.dropout = 0.0
+    cfg.model.cnn_bilstm.channels = (8,)
+    cfg.model.cnn_bilstm.dilations = (1,)
+    cfg.model.cnn_bilstm.lstm_hidden = 8
+    cfg.model.cnn_bilstm.dense = 8
+    prepared = dataset.prepare(cfg.data, cfg.seed)
+    spec = layers.spec_from_config(cfg.model, 14, cfg.data.window)
+    graphdef, params = models.split(models.build(spec))
+    return prepared, spec, graphdef, params
+
+
+def test_microbatches_are_strided_so_no_data_moves_between_devices():
+    x = np.arange(12)
+    parts = steps.microbatches({"x": x}, 3)["x"]
+    np.testing.assert_array_equal(parts, [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_makes_the_same_update(accum):
+    prepared, spec, graphdef, params = _tiny_setup()
+    optimizer = optax.sgd(0.1)
+    batch = steps.as_arrays(prepared.train.gather(np.arange(64)))
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    results = []
+    for a in (1, accum):
+        step = steps.make_train_step(graphdef, spec, optimizer, mesh, grad_accum=a)
+        p = parallel.replicate(params, mesh)
+        p, _, out = step(p, optimizer.init(p), batch, 0)
+        results.append((float(out["loss"]), parallel.to_host(p)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_of_the_wrong_size_names_the_key():
+    from pdm_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config\.compute\.mesh"):
+        parallel.make_mesh((4, 1), jax.devices()[:1])
