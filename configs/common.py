@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.name = "tft"  # 'tft' | 'cnn_bilstm'
     config.model.quantiles = (0.1, 0.5, 0.9)
     config.model.dropout = 0.1
+    # Model outputs are the head's values times this (the RUL cap by default), so the head learns
+    # targets of order 1: without it C-MAPSS training sits on a long plateau first.
+    config.model.target_scale = 125.0
     # Gradient checkpointing per block (TFT: 'vsn', 'lstm', 'attention'; CNN-BiLSTM: 'conv',
     # 'lstm') and the jax.checkpoint policy used for them; 'auto': on only when memory is short.
     config.model.remat = auto()
@@ -110,8 +113,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     ckpt = config.checkpoint = ml_collections.ConfigDict()
     ckpt.uri = config_dict.placeholder(str)  # default <workdir>/checkpoints; gs://, s3://, az://
-    ckpt.every_steps = 500
+    # Every 2nd evaluation: a reference, so it follows --config.train.eval_every (keep-best needs
+    # saves on evaluation steps); override with an int, 0 = only time-based and final saves.
+    ckpt.every_steps = train.get_ref("eval_every") * 2
     ckpt.every_minutes = 10.0
-    ckpt.keep = 3
+    ckpt.keep = 3  # the last N complete steps are kept ...
+    ckpt.keep_best = True  # ... plus the best by validation RMSE (every_steps % eval_every == 0)
     ckpt.resume_from = config_dict.placeholder(str)
     return config

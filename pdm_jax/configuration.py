@@ -46,6 +46,13 @@ def validate(config: Any) -> None:
     _require(
         0 <= config.model.dropout < 1, "model.dropout", "a value in [0, 1)", config.model.dropout
     )
+    _require(
+        isinstance(config.model.get("target_scale", 1.0), float | int)
+        and config.model.get("target_scale", 1.0) > 0,
+        "model.target_scale",
+        "a number > 0",
+        config.model.get("target_scale"),
+    )
     _require(data.source in SOURCES, "data.source", f"one of {SOURCES}", data.source)
     if data.source == "cmapss":
         _require(data.subset in SUBSETS, "data.subset", f"one of {SUBSETS}", data.subset)
@@ -157,6 +164,15 @@ def validate(config: Any) -> None:
         _require(
             _is_int(ckpt[key]) and ckpt[key] >= 0, f"checkpoint.{key}", "an integer >= 0", ckpt[key]
         )
+    _require(
+        not (
+            ckpt.get("keep_best", True) and ckpt.every_steps and ckpt.every_steps % train.eval_every
+        ),
+        "checkpoint.every_steps",
+        f"a multiple of train.eval_every ({train.eval_every}) while checkpoint.keep_best is on, "
+        "so the best step is saved with its validation RMSE",
+        ckpt.every_steps,
+    )
     _require(
         ckpt.every_minutes >= 0, "checkpoint.every_minutes", "a number >= 0", ckpt.every_minutes
     )

@@ -4,6 +4,7 @@ Intentionally short (flax/examples style): flags, logging, config checks, then o
 A DataError/ConfigError becomes one line on stderr and exit code 2, no traceback.
 """
 
+import logging as pylogging
 import re
 import sys
 
@@ -21,9 +22,11 @@ flags.DEFINE_string("workdir", None, "Run directory for logs, config.json and su
 flags.DEFINE_enum(
     "mode",
     "train_and_eval",
-    ["train_and_eval", "train", "data"],
-    "train_and_eval: train, early-stop on validation, score the test units (report.json); "
-    "train: the same without the test report; data: run the data path and report on it.",
+    ["train_and_eval", "train", "eval", "data"],
+    "train_and_eval: train (resuming from the latest checkpoint), early-stop on validation, score "
+    "the test units (report.json); train: the same without the test report; eval: score the best "
+    "parameters of the latest checkpoint on the validation and test units; data: run the data "
+    "path and report on it.",
 )
 flags.DEFINE_string(
     "data_dir",
@@ -37,6 +40,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     hostmem.tune()
+    quiet_library_logs()
     config = FLAGS.config
     if FLAGS.data_dir:
         config.data.data_dir = FLAGS.data_dir
@@ -45,6 +49,8 @@ def main(argv: list[str]) -> None:
         logging.info("config:\n%s", config)
         if FLAGS.mode == "data":
             datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
+        elif FLAGS.mode == "eval":
+            train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.data_dir)
         else:
             train.train_and_evaluate(
                 config, FLAGS.workdir, FLAGS.data_dir, test=FLAGS.mode == "train_and_eval"
@@ -52,6 +58,17 @@ def main(argv: list[str]) -> None:
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
+
+
+class _LibraryInfoFilter(pylogging.Filter):
+    """Orbax logs several INFO lines per save; our own log says what was saved, and where."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno > pylogging.INFO or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -128,3 +128,13 @@ def initialize(config: Any, env: Mapping[str, str] | None = None) -> bool:
     log.info("jax.distributed.initialize(%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's decision, on every process (e.g. "save now" from its clock): a save that only
+    some processes enter would deadlock. Free on one process."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, dtype=np.int32)))

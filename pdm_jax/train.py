@@ -7,7 +7,8 @@ pipeline; a jitted, sharded step updates replicated state; the validation units 
 test unit's last window. The learning-rate schedule has its own length (`schedule_steps`),
 independent of `num_steps`, so a longer run continues a shorter one exactly.
 
-Not here yet (checkpoint issue): saving and resuming.
+Checkpoints (`pdm_jax.checkpoint`) hold everything the loop needs to continue at exactly the
+same point: rerunning the same command resumes from the latest complete step.
 """
 
 from __future__ import annotations
@@ -24,9 +25,21 @@ import ml_collections
 import numpy as np
 import optax
 
-from pdm_jax import configuration, jsonio, metrics, models, parallel, platform, runinfo, steps
+from pdm_jax import (
+    checkpoint,
+    configuration,
+    jsonio,
+    metrics,
+    models,
+    parallel,
+    platform,
+    preempt,
+    runinfo,
+    steps,
+)
 from pdm_jax.data import dataset
 from pdm_jax.data.pipeline import Windows, eval_batches, host_share
+from pdm_jax.errors import ConfigError, DataError
 from pdm_jax.models import layers
 from pdm_jax.progress import Progress
 from pdm_jax.summaries import MetricWriter
@@ -160,10 +173,100 @@ def setup(config: Any) -> Setup:
     return Setup(detected, layout, resolve(config, layout), options)
 
 
-def train_and_evaluate(
-    config: Any, workdir: str, data_dir: str | None = None, test: bool = True
-) -> dict[str, Any]:
-    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/ and report.json."""
+def resume_source(store: checkpoint.CheckpointStore, config: Any) -> Any:
+    """Where to resume from: this run's own store when it has a step, else `resume_from`."""
+    if store.latest_step() is not None:
+        return store
+    if config.checkpoint.resume_from:
+        other = checkpoint.CheckpointStore(
+            checkpoint.resolve_uri(config.checkpoint.resume_from, ""), create=False
+        )
+        if other.latest_step() is None:
+            raise ConfigError(
+                f"config.checkpoint.resume_from: no complete checkpoint in "
+                f"{config.checkpoint.resume_from!r}"
+            )
+        return other
+    return None
+
+
+def restore(
+    store: checkpoint.CheckpointStore,
+    config: Any,
+    prepared: dataset.Prepared,
+    batches: Any,
+    params: Any,
+    opt_state: Any,
+) -> tuple[Any, Any, dict[str, Any], int, int]:
+    """Loads the latest complete step into this run's layout; refuses incompatible ones."""
+    meta = store.restore_meta()
+    differ = checkpoint.config_differences(meta["config"], config.to_dict())
+    if differ:
+        raise ConfigError(
+            f"checkpoint in {store.uri} was made with a different config; keys that differ: "
+            + ", ".join(differ)
+        )
+    if meta["fingerprint"] != prepared.fingerprint:
+        raise DataError(
+            f"checkpoint in {store.uri} was trained on different data (fingerprint "
+            f"{meta['fingerprint'][:12]}, this data {prepared.fingerprint[:12]})"
+        )
+    target = {"params": params, "opt_state": opt_state, "best_params": params}
+    state, meta = store.restore(target, meta["step"])
+    batches.set_state(meta["data"])
+    early = meta["early_stopping"]
+    best = {
+        "rmse": float("inf") if early["best_rmse"] is None else float(early["best_rmse"]),
+        "step": int(early["best_step"]),
+        "params": snapshot(state["best_params"]),
+    }
+    log.info("resumed from %s at step %d (best step %d)", store.uri, meta["step"], best["step"])
+    return state["params"], state["opt_state"], best, int(early["stale"]), int(meta["step"]) + 1
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drops records after `last_step` (a resumed run rewrites them) or all for a fresh run."""
+    if not os.path.exists(path):
+        return
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    # The end-of-run test record is rewritten by the run that finishes.
+    keep = [
+        json.dumps(r) + "\n"
+        for r in records
+        if last_step and r.get("step", 0) <= last_step and "test_rmse" not in r
+    ]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(keep)
+    os.replace(tmp, path)
+
+
+class Run(NamedTuple):
+    """Everything built before the first step; shared by training and `--mode=eval`."""
+
+    config: ml_collections.ConfigDict
+    layout: platform.Layout
+    prepared: dataset.Prepared
+    spec: layers.ModelSpec
+    graphdef: Any
+    mesh: Any
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    params: Any
+    opt_state: Any
+    options: dict[str, Any]
+    primary: bool
+
+
+def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
+    """Platform layout, resolved config, data, model and optimizer state on the mesh; writes
+    config.json and run_info.json (process 0)."""
     parallel.initialize(config)
     detected, layout, config, options = setup(config)
     primary = jax.process_index() == 0
@@ -175,7 +278,6 @@ def train_and_evaluate(
     if primary:
         info = runinfo.collect(platform.to_dict(detected, layout), prepared.summary())
         jsonio.write_json(os.path.join(workdir, RUN_INFO_FILE), info)
-
     spec = layers.spec_from_config(
         config.model, len(prepared.scaler.features), config.data.window, dtype=layout.dtype
     )
@@ -184,10 +286,114 @@ def train_and_evaluate(
         "model %s: %d parameters", spec.name, sum(x.size for x in jax.tree.leaves(host_params))
     )
     mesh = parallel.make_mesh(layout.mesh_shape)
-    train_cfg = config.train
-    optimizer, schedule = make_optimizer(train_cfg)
+    optimizer, schedule = make_optimizer(config.train)
     params = parallel.replicate(host_params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=parallel.replicated(mesh))(params)
+    return Run(
+        config,
+        layout,
+        prepared,
+        spec,
+        graphdef,
+        mesh,
+        optimizer,
+        schedule,
+        params,
+        opt_state,
+        options,
+        primary,
+    )
+
+
+def layout_summary(layout: platform.Layout) -> dict[str, Any]:
+    return {
+        "mesh": list(layout.mesh_shape),
+        "grad_accum": layout.grad_accum,
+        "per_device_batch": layout.per_device_batch,
+        "dtype": layout.dtype,
+        "processes": jax.process_count(),
+    }
+
+
+def test_report(
+    predict: Any, params: Any, prepared: dataset.Prepared, mesh: Any
+) -> dict[str, Any] | None:
+    """Scores on each test unit's last window and per-unit errors; None without test truth."""
+    if prepared.test is None or not np.isfinite(prepared.test.targets).any():
+        return None
+    result = evaluate(predict, params, prepared.test, mesh)
+    labels = prepared.raw.test.unit_labels
+    return {
+        "test": {k: result[k] for k in ("rmse", "mae", "phm08", "count")},
+        "per_unit": [
+            {
+                "unit": labels[u].item() if hasattr(labels[u], "item") else labels[u],
+                "true": float(t),
+                "pred": float(p),
+                "error": float(p - t),
+            }
+            for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
+        ],
+    }
+
+
+def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) -> dict[str, Any]:
+    """`--mode=eval`: the best parameters of the latest complete checkpoint (this run's store, or
+    `checkpoint.resume_from`) scored on the validation and test units; writes report.json."""
+    run = build(config, workdir, data_dir)
+    uri = checkpoint.resolve_uri(run.config.checkpoint.uri, workdir)
+    with checkpoint.CheckpointStore(uri, create=False) as own:
+        source = resume_source(own, run.config)
+        if source is None:
+            raise ConfigError(
+                f"--mode=eval: no complete checkpoint in {uri}; train first or set "
+                "config.checkpoint.resume_from"
+            )
+        batches = dataset.train_batches(run.prepared, run.config)
+        _, _, best, _, first = restore(
+            source, run.config, run.prepared, batches, run.params, run.opt_state
+        )
+        source_uri = source.uri
+        if source is not own:
+            source.close()
+    predict = steps.make_predict_step(run.graphdef, run.spec, run.mesh, run.options)
+    params = parallel.replicate(best["params"], run.mesh)
+    report: dict[str, Any] = {
+        "mode": "eval",
+        "model": run.spec.name,
+        "checkpoint": source_uri,
+        "checkpoint_step": first - 1,
+        "best_step": best["step"],
+        "params_sha256": params_digest(params),
+        "layout": layout_summary(run.layout),
+        "data": run.prepared.summary(),
+    }
+    if run.prepared.val is not None:
+        val = evaluate(predict, params, run.prepared.val, run.mesh)
+        report["val"] = {k: val[k] for k in ("rmse", "mae", "phm08", "count")}
+    report.update(test_report(predict, params, run.prepared, run.mesh) or {})
+    if run.primary:
+        jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
+    log.info("eval: %s", json.dumps({k: report.get(k) for k in ("val", "test")}))
+    return report
+
+
+def train_and_evaluate(
+    config: Any, workdir: str, data_dir: str | None = None, test: bool = True
+) -> dict[str, Any]:
+    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/ and report.json."""
+    run = build(config, workdir, data_dir)
+    config, layout, prepared, spec, graphdef, mesh = (
+        run.config,
+        run.layout,
+        run.prepared,
+        run.spec,
+        run.graphdef,
+        run.mesh,
+    )
+    optimizer, schedule, params, opt_state = run.optimizer, run.schedule, run.params, run.opt_state
+    primary, options = run.primary, run.options
+    train_cfg = config.train
     train_step = steps.make_train_step(
         graphdef, spec, optimizer, mesh, layout.grad_accum, config.seed, options
     )
@@ -198,22 +404,61 @@ def train_and_evaluate(
     per_epoch = batches.order.batches_per_epoch
     num_steps = train_cfg.num_steps or train_cfg.num_epochs * per_epoch
     eval_every, log_every = int(train_cfg.eval_every), int(train_cfg.log_every)
+    store = checkpoint.CheckpointStore(
+        checkpoint.resolve_uri(config.checkpoint.uri, workdir),
+        keep=config.checkpoint.keep,
+        keep_best=bool(config.checkpoint.keep_best),
+    )
+    best: dict[str, Any] = {"rmse": float("inf"), "step": 0, "params": snapshot(params)}
+    stale, first = 0, 1
+    try:
+        source = resume_source(store, config)
+        if source is not None:
+            params, opt_state, best, stale, first = restore(
+                source, config, prepared, batches, params, opt_state
+            )
+            if source is not store:
+                source.close()
+    except BaseException:
+        store.close()  # Orbax's threads must stop before the interpreter does
+        raise
     writer = MetricWriter(workdir, enabled=primary, tensorboard=bool(train_cfg.tensorboard))
-    if primary and os.path.exists(writer.path):
-        os.remove(writer.path)
+    if primary:
+        truncate_metrics(writer.path, first - 1)
     writer.text("config", f"```\n{config}\n```")
 
-    best: dict[str, Any] = {"rmse": float("inf"), "step": 0, "params": snapshot(params)}
-    stale = 0
+    def save(step: int, val_rmse: float | None = None) -> None:
+        state = {"params": params, "opt_state": opt_state, "best_params": best["params"]}
+        meta = {
+            "data": batches.get_state(),
+            "early_stopping": {
+                "best_rmse": None if not np.isfinite(best["rmse"]) else best["rmse"],
+                "best_step": best["step"],
+                "stale": stale,
+            },
+            "seed": config.seed,
+            "model": spec.name,
+            "scaler": prepared.scaler.to_dict(),
+            "config": config.to_dict(),
+            "fingerprint": prepared.fingerprint,
+        }
+        store.save(step, state, meta, {"val_rmse": val_rmse} if val_rmse is not None else None)
+
+    ckpt_cfg = config.checkpoint
+    every_steps, every_s = int(ckpt_cfg.every_steps), float(ckpt_cfg.every_minutes) * 60
+    last_save = time.monotonic()
     losses: list[jax.Array] = []
     progress = Progress(num_steps, "steps", f"training {spec.name}", enabled=primary)
+    progress.count = first - 1
     start = time.perf_counter()
-    step = 0
+    step = first - 1
+    stop = preempt.StopSignal()
     try:
-        for step in range(1, num_steps + 1):
+        for step in range(first, num_steps + 1):
             batch = parallel.global_batch(steps.host_arrays(next(batches)), mesh)
             params, opt_state, out = train_step(params, opt_state, batch, np.int32(step))
             losses.append(out["loss"])
+            record: dict[str, Any] = {}
             if step % log_every == 0 or step % eval_every == 0 or step == num_steps:
                 loss = float(np.mean(parallel.to_host(losses)))
                 losses = []
@@ -222,70 +467,69 @@ def train_and_evaluate(
                     "epoch": round(step / per_epoch, 3),
                     "lr": float(schedule(step)),
                     "loss": loss,
-                    "samples_per_s": round(step * train_cfg.batch_size / elapsed, 1),
+                    "samples_per_s": round((step - first + 1) * train_cfg.batch_size / elapsed, 1),
                     "elapsed_s": round(elapsed, 2),
                 }
                 progress.status = f"epoch {step / per_epoch:.1f}, loss {loss:.3f}"
-            else:
-                record = None
             progress.update()
-            if step % eval_every and step != num_steps:
-                if record is not None:
-                    writer.write(step, record)
-                continue
-            record = record or {}
-            if prepared.val is not None:
+            val_rmse = None
+            evaluated = step % eval_every == 0 or step == num_steps
+            if evaluated and prepared.val is not None:
                 val = evaluate(predict, params, prepared.val, mesh)
+                val_rmse = val["rmse"]
                 record.update(val_rmse=val["rmse"], val_mae=val["mae"])
                 if val["rmse"] < best["rmse"]:
                     best = {"rmse": val["rmse"], "step": step, "params": snapshot(params)}
                     stale = 0
                 else:
                     stale += 1
-            else:
+            elif evaluated:
                 best = {"rmse": float("nan"), "step": step, "params": snapshot(params)}
-            record["best_step"] = best["step"]
-            writer.write(step, record)
-            log.info("step %d: %s", step, json.dumps(record))
-            if train_cfg.patience and stale >= train_cfg.patience:
+            if evaluated:
+                record["best_step"] = best["step"]
+                log.info("step %d: %s", step, json.dumps(record))
+            if record:
+                writer.write(step, record)
+            stopping = bool(train_cfg.patience) and stale >= train_cfg.patience
+            preempted = stop.agreed(step)
+            due = (every_steps and step % every_steps == 0) or (
+                every_s and parallel.agree(time.monotonic() - last_save >= every_s)
+            )
+            if due or stopping or preempted or step == num_steps:
+                save(step, val_rmse)
+                last_save = time.monotonic()
+            if stopping:
                 log.info("early stopping at step %d (best step %d)", step, best["step"])
                 break
+            if preempted:
+                log.warning("stop signal: saved step %d to %s; rerun to resume", step, store.uri)
+                break
     finally:
+        stop.restore()
         progress.close()
         writer.flush()
+        store.close()
+    if stop.received:
+        writer.close()
+        return {"preempted": True, "steps": step}
     report: dict[str, Any] = {
         "model": spec.name,
         "steps": step,
         "best_step": best["step"],
         "val_rmse": best["rmse"],
         "train_seconds": round(time.perf_counter() - start, 2),
+        "resumed_from_step": first - 1,
         "params_sha256": params_digest(params),
-        "layout": {
-            "mesh": list(layout.mesh_shape),
-            "grad_accum": layout.grad_accum,
-            "per_device_batch": layout.per_device_batch,
-            "dtype": layout.dtype,
-            "processes": jax.process_count(),
-        },
+        "layout": layout_summary(layout),
         "data": prepared.summary(),
     }
     log.info("process %d: params sha256 %s", jax.process_index(), report["params_sha256"])
-    if test and prepared.test is not None and np.isfinite(prepared.test.targets).any():
-        best_params = parallel.replicate(best["params"], mesh)
-        result = evaluate(predict, best_params, prepared.test, mesh)
-        labels = prepared.raw.test.unit_labels
-        report["test"] = {k: result[k] for k in ("rmse", "mae", "phm08", "count")}
-        report["per_unit"] = [
-            {
-                "unit": labels[u].item() if hasattr(labels[u], "item") else labels[u],
-                "true": float(t),
-                "pred": float(p),
-                "error": float(p - t),
-            }
-            for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
-        ]
-        writer.write(step, {f"test_{k}": v for k, v in report["test"].items()})
-        log.info("test: %s", json.dumps(report["test"]))
+    if test:
+        scored = test_report(predict, parallel.replicate(best["params"], mesh), prepared, mesh)
+        if scored is not None:
+            report.update(scored)
+            writer.write(step, {f"test_{k}": v for k, v in report["test"].items()})
+            log.info("test: %s", json.dumps(report["test"]))
     writer.close()
     if primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)

@@ -26,6 +26,7 @@ TINY_SETS = [
     "data.synthetic.test_units=6",
     "train.num_steps=3",
     "train.eval_every=3",
+    "checkpoint.every_steps=3",
     "train.batch_size=32",
 ]
 TINY_PLAN = textwrap.dedent(

@@ -1,6 +1,7 @@
 """The command-line entry, run as a user runs it: a subprocess of `python -m pdm_jax.main`."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -45,6 +46,36 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
     proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", "--config.data.subset=FD009")
     assert proc.returncode == 2 and "config.data.subset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "devices", "line"),
+    [
+        (["--config.train.bogus=1"], 1, "error: config.train.bogus: no such config key"),
+        (
+            ["--config.train.batch_size=abc"],
+            1,
+            "error: config.train.batch_size: cannot parse 'abc'",
+        ),
+        (["--config.model.name=xgb"], 1, "error: config.model.name: expected one of"),
+        (["--config.model.quantiles=(0.5,1.5)"], 1, "error: config.model.quantiles: expected"),
+        (["--config.data.window=-3"], 1, "error: config.data.window: expected an integer > 0"),
+        (["--config.train.batch_size=12"], 8, "error: config.train.batch_size:"),
+        (["--config.train.grad_accum=5"], 1, "error: config.train.grad_accum:"),
+        (["--config.checkpoint.every_steps=300"], 1, "error: config.checkpoint.every_steps:"),
+        (["--config.compute.mesh=(4,1)"], 1, "error: config.compute.mesh:"),
+    ],
+)
+def test_each_kind_of_bad_config_is_one_line_exit_2(tmp_path, args, devices, line):
+    env = os.environ.copy()
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
+    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", *args, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_bad_data_is_one_line_exit_2(tmp_path):

@@ -49,7 +49,10 @@ def apply(
 ) -> Outputs:
     """Runs the model on `inputs`; `key` enables dropout (training), None is evaluation."""
     model = nnx.merge(graphdef, params)
-    return model(inputs, key=key, **kwargs)
+    out = model(inputs, key=key, **kwargs)
+    if model.spec.target_scale != 1.0:
+        out = {**out, "pred": out["pred"] * model.spec.target_scale}
+    return out
 
 
 __all__ = ["MODEL_NAMES", "ModelSpec", "apply", "build", "spec_from_config", "split"]

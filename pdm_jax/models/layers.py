@@ -47,6 +47,10 @@ class ModelSpec:
     remat: tuple[str, ...] = ()  # blocks to rematerialise in the backward pass
     remat_policy: str = "nothing_saveable"
     hparams: tuple[tuple[str, Any], ...] = ()  # model-family keys, e.g. config.model.tft
+    # Outputs are head values times this, so the head works at order 1 while RUL is in cycles:
+    # from a zero-mean init, reaching RUL ~75 by Adam's ~lr-sized steps would take ~10^4 steps
+    # (the long loss plateau C-MAPSS models are known for).
+    target_scale: float = 1.0
 
     @property
     def num_outputs(self) -> int:
@@ -90,6 +94,7 @@ def spec_from_config(
         # 'auto' is the platform layout's call (platform.decide); unresolved it means off.
         remat=() if model_cfg.get("remat", ()) == "auto" else tuple(model_cfg.get("remat", ())),
         remat_policy=policy,
+        target_scale=float(model_cfg.get("target_scale", 1.0) or 1.0),
         hparams=tuple(
             sorted(
                 dict(hparams.to_dict() if hasattr(hparams, "to_dict") else hparams or {}).items()

@@ -1,0 +1,196 @@
+"""Exact resume from local checkpoints, across real crashes, stop signals and layout changes.
+
+Every run here is a real `python -m pdm_jax.main` subprocess: a process boundary is the point.
+The reference is one uninterrupted run; interrupted ones must end bit-identical to it on the
+same layout, and on a different device count continue with the same losses to float tolerance.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from pdm_jax import checkpoint
+from tests.conftest import REPO
+from tests.test_parallel import _env, _losses
+
+STEPS = 60
+TINY = [
+    "--config=configs/cnn_bilstm.py",
+    "--config.model.cnn_bilstm.channels=(8,)",
+    "--config.model.cnn_bilstm.dilations=(1,)",
+    "--config.model.cnn_bilstm.lstm_hidden=8",
+    "--config.model.cnn_bilstm.dense=8",
+    "--config.train.batch_size=32",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=10",
+    "--config.train.patience=0",
+    "--config.train.tensorboard=False",
+    "--config.checkpoint.every_steps=10",
+]
+
+
+def _start(workdir, steps: int = STEPS, devices: int = 1, extra=()) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdm_jax.main",
+            *TINY,
+            f"--workdir={workdir}",
+            f"--config.train.num_steps={steps}",
+            *extra,
+        ],
+        cwd=REPO,
+        env=_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _run(workdir, steps: int = STEPS, devices: int = 1) -> dict:
+    proc = _start(workdir, steps, devices)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return json.loads((workdir / "report.json").read_text())
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir, step: int) -> None:
+    """Polls metrics.jsonl until the run has logged `step` (or fails if the run ended first)."""
+    path = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if path.exists() and any(
+            json.loads(ln).get("step", 0) >= step
+            for ln in path.read_text().splitlines()[-3:]
+            if ln.endswith("}")
+        ):
+            return
+        time.sleep(0.005)
+    pytest.fail("timed out waiting for the run")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    report = _run(workdir)
+    return report, _losses(workdir)
+
+
+def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, reference):
+    ref_report, ref_losses = reference
+    proc = _start(tmp_path)
+    _wait_for_step(proc, tmp_path, 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    resumed_at = max(checkpoint.CheckpointStore(str(tmp_path / "checkpoints")).all_steps())
+    assert 10 <= resumed_at < STEPS  # the step-20 save may still have been in flight
+    report = _run(tmp_path)
+    assert report["resumed_from_step"] == resumed_at
+    assert report["params_sha256"] == ref_report["params_sha256"]
+    assert report["test"] == ref_report["test"]
+    # metrics.jsonl continues without duplicated or missing steps, with the same numbers.
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    assert _losses(tmp_path) == ref_losses
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, reference):
+    ref_report, _ = reference
+    proc = _start(tmp_path)
+    _wait_for_step(proc, tmp_path, 15)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    logged = max(
+        json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    )
+    saved = checkpoint.CheckpointStore(str(tmp_path / "checkpoints")).latest_step()
+    assert (
+        saved == logged and saved % 10 != 0
+    ) or saved == logged  # the step it was in, not a periodic one
+    assert "saved step" in out and not (tmp_path / "report.json").exists()
+    report = _run(tmp_path)
+    assert report["resumed_from_step"] == saved
+    assert report["params_sha256"] == ref_report["params_sha256"]
+
+
+@pytest.mark.parametrize(("first", "second"), [(8, 1), (1, 8)])
+def test_resume_on_another_device_count_continues_the_same_run(tmp_path, reference, first, second):
+    _, ref_losses = reference
+    _run(tmp_path, steps=30, devices=first)
+    report = _run(tmp_path, steps=STEPS, devices=second)
+    assert report["resumed_from_step"] == 30 and report["layout"]["mesh"] == [second, 1]
+    np.testing.assert_allclose(_losses(tmp_path), ref_losses, rtol=2e-4)
+
+
+def test_store_round_trip_is_bitwise(tmp_path):
+    state = {
+        "params": {"w": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)},
+        "opt_state": (np.int32(7), {"mu": np.arange(5, dtype=np.float32)}),
+    }
+    meta = {"data": {"next_batch": 12}, "note": "x"}
+    store = checkpoint.CheckpointStore(str(tmp_path / "c"))
+    store.save(3, state, meta, {"val_rmse": 1.5})
+    store.close()
+    again = checkpoint.CheckpointStore(str(tmp_path / "c"))
+    target = jax.tree.map(jax.numpy.asarray, state)
+    restored, restored_meta = again.restore(target)
+    assert restored_meta["data"] == {"next_batch": 12} and restored_meta["step"] == 3
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_checkpoint_of_another_config_is_one_line_naming_the_keys(tmp_path):
+    _run(tmp_path, steps=10)
+    proc = _start(
+        tmp_path, steps=20, extra=["--config.train.learning_rate=0.01", "--config.seed=4"]
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert out.strip().splitlines()[-1] == (
+        f"error: checkpoint in {tmp_path / 'checkpoints'} was made with a different config; "
+        "keys that differ: seed, train.learning_rate"
+    )
+
+
+def test_resume_from_another_store(tmp_path):
+    _run(tmp_path / "a", steps=10)
+    proc = _start(
+        tmp_path / "b",
+        steps=20,
+        extra=[f"--config.checkpoint.resume_from={tmp_path / 'a' / 'checkpoints'}"],
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["resumed_from_step"] == 10
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints"))[-1] == "20"
+
+
+def test_eval_mode_scores_the_best_checkpoint_like_the_training_run(tmp_path):
+    trained = _run(tmp_path, steps=20)
+    proc = _start(tmp_path, steps=20, extra=["--mode=eval"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "eval" and report["checkpoint_step"] == 20
+    assert report["best_step"] == trained["best_step"]
+    assert report["test"] == trained["test"] and report["per_unit"] == trained["per_unit"]
+    assert report["val"]["rmse"] == pytest.approx(trained["val_rmse"], rel=1e-6)
+
+
+def test_eval_mode_without_a_checkpoint_is_one_line_exit_2(tmp_path):
+    proc = _start(tmp_path, extra=["--mode=eval"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert out.strip().splitlines()[-1].startswith("error: --mode=eval: no complete checkpoint in")
