@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model outputs are the head's values times this (the RUL cap by default), so the head learns
     # targets of order 1: without it C-MAPSS training sits on a long plateau first.
     config.model.target_scale = 125.0
+    config.model.point_loss = "mse"  # point heads (quantiles=()): 'mse' | 'huber'
+    config.model.huber_delta = 10.0  # cycles, for 'huber'
     # Gradient checkpointing per block (TFT: 'vsn', 'lstm', 'attention'; CNN-BiLSTM: 'conv',
     # 'lstm') and the jax.checkpoint policy used for them; 'auto': on only when memory is short.
     config.model.remat = auto()
@@ -89,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_accum = auto()
     train.learning_rate = 1e-3
     train.weight_decay = 1e-4  # AdamW's decoupled weight decay
+    train.ema_decay = 0.0  # > 0: evaluate, select and report a Polyak average of the params
     train.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
     train.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', after linear warm-up
     train.warmup_steps = 100

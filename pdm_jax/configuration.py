@@ -53,6 +53,12 @@ def validate(config: Any) -> None:
         "a number > 0",
         config.model.get("target_scale"),
     )
+    _require(
+        config.model.get("point_loss", "mse") in ("mse", "huber"),
+        "model.point_loss",
+        "'mse' or 'huber'",
+        config.model.get("point_loss"),
+    )
     _require(data.source in SOURCES, "data.source", f"one of {SOURCES}", data.source)
     if data.source == "cmapss":
         _require(data.subset in SUBSETS, "data.subset", f"one of {SUBSETS}", data.subset)
@@ -142,6 +148,12 @@ def validate(config: Any) -> None:
     )
     _require(train.learning_rate > 0, "train.learning_rate", "a number > 0", train.learning_rate)
     _require(train.weight_decay >= 0, "train.weight_decay", "a number >= 0", train.weight_decay)
+    _require(
+        0 <= train.get("ema_decay", 0.0) < 1,
+        "train.ema_decay",
+        "a value in [0, 1)",
+        train.ema_decay,
+    )
     _require(train.clip_norm >= 0, "train.clip_norm", "a number >= 0 (0 = off)", train.clip_norm)
     _require(train.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}", train.schedule)
     for key in ("warmup_steps", "schedule_steps", "patience", "num_epochs"):

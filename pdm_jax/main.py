@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
         config.data.data_dir = FLAGS.data_dir
     try:
         configuration.validate(config)
-        logging.info("config:\n%s", config)
+        logging.info("config as given (before 'auto' is resolved):\n%s", config)
         if FLAGS.mode == "data":
             datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
         elif FLAGS.mode == "eval":

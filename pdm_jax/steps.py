@@ -31,7 +31,14 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def make_loss_fn(graphdef: nnx.GraphDef, spec: ModelSpec) -> Callable[..., jax.Array]:
     def loss_fn(params: Any, batch: dict[str, Any], key: jax.Array | None) -> jax.Array:
         out = models.apply(graphdef, params, model_inputs(batch), key=key)
-        return layers.loss(out["pred"], batch["y"], spec.quantiles, batch.get("weight"))
+        return layers.loss(
+            out["pred"],
+            batch["y"],
+            spec.quantiles,
+            batch.get("weight"),
+            point_loss=spec.point_loss,
+            huber_delta=spec.huber_delta,
+        )
 
     return loss_fn
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from pdm_jax import (
+    averaging,
     checkpoint,
     configuration,
     jsonio,
@@ -86,7 +87,15 @@ def make_optimizer(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.
     if train_cfg.get("clip_norm", 1.0):
         parts.append(optax.clip_by_global_norm(float(train_cfg.clip_norm)))
     parts.append(optax.adamw(schedule, weight_decay=float(train_cfg.get("weight_decay", 0.0))))
+    if train_cfg.get("ema_decay", 0.0):
+        parts.append(averaging.track_average(float(train_cfg.ema_decay)))
     return optax.chain(*parts), schedule
+
+
+def eval_params(params: Any, opt_state: Any) -> Any:
+    """The parameters evaluation uses: the Polyak average when train.ema_decay > 0."""
+    average = averaging.averaged(opt_state)
+    return params if average is None else average
 
 
 def resolve(config: Any, layout: platform.Layout) -> ml_collections.ConfigDict:
@@ -270,6 +279,7 @@ def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
     parallel.initialize(config)
     detected, layout, config, options = setup(config)
     primary = jax.process_index() == 0
+    log.info("resolved config:\n%s", config)
     if primary:
         os.makedirs(workdir, exist_ok=True)
         configuration.save(config, workdir)
@@ -470,21 +480,32 @@ def train_and_evaluate(
                     "samples_per_s": round((step - first + 1) * train_cfg.batch_size / elapsed, 1),
                     "elapsed_s": round(elapsed, 2),
                 }
-                progress.status = f"epoch {step / per_epoch:.1f}, loss {loss:.3f}"
+                progress.status = (
+                    f"epoch {step / per_epoch:.1f}, loss {loss:.3f}, "
+                    f"{record['samples_per_s']:,.0f} samples/s"
+                )
             progress.update()
             val_rmse = None
             evaluated = step % eval_every == 0 or step == num_steps
             if evaluated and prepared.val is not None:
-                val = evaluate(predict, params, prepared.val, mesh)
+                val = evaluate(predict, eval_params(params, opt_state), prepared.val, mesh)
                 val_rmse = val["rmse"]
                 record.update(val_rmse=val["rmse"], val_mae=val["mae"])
                 if val["rmse"] < best["rmse"]:
-                    best = {"rmse": val["rmse"], "step": step, "params": snapshot(params)}
+                    best = {
+                        "rmse": val["rmse"],
+                        "step": step,
+                        "params": snapshot(eval_params(params, opt_state)),
+                    }
                     stale = 0
                 else:
                     stale += 1
             elif evaluated:
-                best = {"rmse": float("nan"), "step": step, "params": snapshot(params)}
+                best = {
+                    "rmse": float("nan"),
+                    "step": step,
+                    "params": snapshot(eval_params(params, opt_state)),
+                }
             if evaluated:
                 record["best_step"] = best["step"]
                 log.info("step %d: %s", step, json.dumps(record))

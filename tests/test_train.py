@@ -42,3 +42,22 @@ def test_schedule_has_its_own_length():
     schedule = train.learning_rate_schedule(cfg)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - 1e-3) < 1e-9
     assert abs(float(schedule(100)) - 1e-5) < 1e-9 and abs(float(schedule(10_000)) - 1e-5) < 1e-9
+
+
+def test_parameter_average_rides_in_the_optimizer_state():
+    import jax.numpy as jnp
+
+    from pdm_jax import averaging
+
+    optimizer = optax.chain(optax.sgd(1.0), averaging.track_average(0.5))
+    params = {"w": jnp.zeros(2)}
+    state = optimizer.init(params)
+    expected = np.zeros(2)
+    for t, grad in enumerate([1.0, 2.0, 3.0]):
+        updates, state = optimizer.update({"w": jnp.full(2, grad)}, state, params)
+        params = optax.apply_updates(params, updates)
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * np.asarray(params["w"])
+    np.testing.assert_allclose(averaging.averaged(state)["w"], expected, rtol=1e-6)
+    assert train.eval_params(params, state) is averaging.averaged(state)
+    assert train.eval_params(params, optax.sgd(1.0).init(params)) is params

@@ -51,6 +51,8 @@ class ModelSpec:
     # from a zero-mean init, reaching RUL ~75 by Adam's ~lr-sized steps would take ~10^4 steps
     # (the long loss plateau C-MAPSS models are known for).
     target_scale: float = 1.0
+    point_loss: str = "mse"  # point heads: 'mse' | 'huber'
+    huber_delta: float = 10.0  # cycles
 
     @property
     def num_outputs(self) -> int:
@@ -95,6 +97,8 @@ def spec_from_config(
         remat=() if model_cfg.get("remat", ()) == "auto" else tuple(model_cfg.get("remat", ())),
         remat_policy=policy,
         target_scale=float(model_cfg.get("target_scale", 1.0) or 1.0),
+        point_loss=str(model_cfg.get("point_loss", "mse")),
+        huber_delta=float(model_cfg.get("huber_delta", 10.0)),
         hparams=tuple(
             sorted(
                 dict(hparams.to_dict() if hasattr(hparams, "to_dict") else hparams or {}).items()
@@ -240,12 +244,31 @@ def _weighted_mean(values: jax.Array, weight: jax.Array | None) -> jax.Array:
     return (values * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def loss(
-    pred: jax.Array, y: jax.Array, quantiles: Sequence[float], weight: jax.Array | None = None
+def huber_loss(
+    pred: jax.Array, y: jax.Array, delta: float, weight: jax.Array | None = None
 ) -> jax.Array:
-    """The head's training loss: pinball for quantile heads, MSE for a point head."""
+    """Quadratic within `delta` cycles, linear beyond: outlying units pull less than under MSE."""
+    err = jnp.abs(pred.astype(jnp.float32)[:, 0] - y.astype(jnp.float32))
+    quad = jnp.minimum(err, delta)
+    return _weighted_mean(0.5 * quad**2 + delta * (err - quad), weight)
+
+
+POINT_LOSSES = ("mse", "huber")
+
+
+def loss(
+    pred: jax.Array,
+    y: jax.Array,
+    quantiles: Sequence[float],
+    weight: jax.Array | None = None,
+    point_loss: str = "mse",
+    huber_delta: float = 10.0,
+) -> jax.Array:
+    """The head's training loss: pinball for quantile heads, MSE or Huber for a point head."""
     if quantiles:
         return quantile_loss(pred, y, quantiles, weight)
+    if point_loss == "huber":
+        return huber_loss(pred, y, huber_delta, weight)
     return mse_loss(pred, y, weight)
 
 

@@ -79,3 +79,15 @@ def test_layer_norm_hand_written_gradient_equals_autodiff(shape, param_shape):
     for g, r in zip(got, want, strict=True):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_huber_is_quadratic_inside_delta_and_linear_beyond():
+    import jax.numpy as jnp
+
+    from pdm_jax.models import layers as lyr
+
+    pred = jnp.asarray([[15.0], [40.0]])
+    y = jnp.asarray([10.0, 20.0])
+    # |5| -> 0.5 * 25 = 12.5; |20| -> 0.5 * 100 + 10 * 10 = 150
+    assert float(lyr.loss(pred, y, (), point_loss="huber", huber_delta=10.0)) == 81.25
+    assert float(lyr.loss(pred, y, ())) == (25 + 400) / 2
