@@ -48,6 +48,7 @@ from pdm_jax.summaries import MetricWriter
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1024
 REPORT_FILE = "report.json"
+SYNC_EVERY = 10
 RUN_INFO_FILE = "run_info.json"
 
 
@@ -512,9 +513,12 @@ def train_and_evaluate(
             if record:
                 writer.write(step, record)
             stopping = bool(train_cfg.patience) and stale >= train_cfg.patience
-            preempted = stop.agreed(step)
+            # Signals and the save clock need a collective across processes: check those every
+            # SYNC_EVERY steps there, every step on one process (free).
+            sync = jax.process_count() == 1 or step % SYNC_EVERY == 0
+            preempted = sync and stop.agreed(step)
             due = (every_steps and step % every_steps == 0) or (
-                every_s and parallel.agree(time.monotonic() - last_save >= every_s)
+                sync and every_s and parallel.agree(time.monotonic() - last_save >= every_s)
             )
             if due or stopping or preempted or step == num_steps:
                 save(step, val_rmse)
