@@ -1,0 +1,560 @@
+"""Batch inference from a checkpoint alone: `predict_files(checkpoint, inputs, output)`.
+
+A checkpoint step carries the resolved config and the fitted scaler next to the arrays, so new
+histories are windowed and scaled exactly as the training run did it, without the training data
+and without pickle. Inputs are C-MAPSS text files (`test_FD00x.txt`) or CSV/Parquet tables in the
+training run's column layout; checks run on every input before the first prediction, and the
+output appears only complete (temp file, then `os.replace`).
+
+Prediction streams fixed-shape batches (the last one padded and masked) through one compiled
+function, sharded over every local device: the same code serves a laptop CPU and an 8-GPU host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from pdm_jax import checkpoint, models, parallel, steps, train
+from pdm_jax.data import cmapss, dataset, features, validate
+from pdm_jax.data.pipeline import Windows, eval_batches
+from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RunTable
+from pdm_jax.errors import ConfigError, DataError
+from pdm_jax.models import layers
+from pdm_jax.progress import Progress
+
+log = logging.getLogger(__name__)
+
+STEP_CHOICES = ("best", "latest")
+OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+DEFAULT_BATCH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """The input columns a checkpoint's model reads, and those its training source also had.
+
+    C-MAPSS runs read text files whose time column is 'cycle' whatever config.data.columns says
+    (the C-MAPSS reader names it), so that layout is fixed; user-table runs use the config's names.
+    """
+
+    unit: str
+    time: str
+    settings: tuple[str, ...]
+    features: tuple[str, ...]
+    known: frozenset[str]  # columns the training layout had on purpose: not "extra"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.unit, self.time, *self.settings, *self.features)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A restored model, on a mesh over the local devices, with everything needed to window."""
+
+    uri: str
+    step: int  # the checkpoint step the parameters came from
+    which: str  # 'best', 'latest' or the step number asked for
+    params_step: int  # the training step the parameters are from ('best': best_step)
+    config: ml_collections.ConfigDict
+    scaler: features.Scaler
+    columns: Columns
+    spec: layers.ModelSpec
+    mesh: Any
+    params: Any
+    predict: Any
+
+    @property
+    def window(self) -> int:
+        return int(self.config.data.window)
+
+    @property
+    def quantile_columns(self) -> list[tuple[int, str]]:
+        """(output index, column name) of each quantile other than the one `rul_pred` holds."""
+        qs = self.spec.quantiles
+        if not qs:
+            return []
+        point = min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
+        return [(i, quantile_column(q)) for i, q in enumerate(qs) if i != point]
+
+
+def quantile_column(q: float) -> str:
+    """'rul_p10' for 0.1: percent, two digits when whole (0.05 -> 'rul_p05'), else as written."""
+    pct = round(float(q) * 100, 6)
+    return f"rul_p{int(pct):02d}" if pct.is_integer() else f"rul_p{pct:g}"
+
+
+def store_uri(uri: str) -> str:
+    """The store a `--checkpoint` names; a run directory means the store its run saved to."""
+    if not uri:
+        raise ConfigError("--checkpoint: give a checkpoint store or a run directory")
+    try:
+        resolved = checkpoint.resolve_uri(uri, "")
+    except ConfigError as err:  # its message names the config key; here it is the flag
+        raise ConfigError(
+            f"--checkpoint: {str(err).removeprefix('config.checkpoint.uri: ')}"
+        ) from None
+    if "://" in resolved:
+        return resolved
+    if not os.path.exists(resolved):
+        raise ConfigError(f"--checkpoint: {uri}: no such checkpoint store or run directory")
+    if not os.path.isdir(resolved):
+        raise ConfigError(f"--checkpoint: {uri}: expected a directory, found a file")
+    store = _run_store(resolved) or resolved
+    if "://" in store:
+        return store
+    # Checked before Orbax opens it: a store over a directory without steps prints a background
+    # thread's traceback at exit, after the one-line error.
+    if not os.path.isdir(store) or not any(name.isdigit() for name in os.listdir(store)):
+        raise ConfigError(f"--checkpoint: no complete checkpoint in {store}")
+    return store
+
+
+def _run_store(workdir: str) -> str | None:
+    """A run directory's store: the config.checkpoint.uri its config.json names, else its
+    `checkpoints/`; None when `workdir` does not look like a run directory."""
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.isfile(saved_config):
+        try:
+            with open(saved_config) as handle:
+                uri = json.load(handle).get("checkpoint", {}).get("uri")
+        except (OSError, ValueError, AttributeError):
+            uri = None
+        if uri:
+            return checkpoint.resolve_uri(uri, workdir)
+    nested = os.path.join(workdir, "checkpoints")
+    return nested if os.path.isdir(nested) else None
+
+
+def _tuples(value: Any) -> Any:
+    """JSON turned the config's tuples into lists; spec hyper-parameters must stay hashable."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _columns(config: ml_collections.ConfigDict, scaler: features.Scaler) -> Columns:
+    data = config.data
+    if data.source == "cmapss":
+        return Columns("unit", "cycle", scaler.settings, scaler.features, frozenset(cmapss.COLUMNS))
+    cols = data.columns
+    known = {cols.unit, cols.time, *scaler.settings, *scaler.features, *(cols.ignore or ())}
+    known |= {c for c in (cols.get("failure"), cols.get("rul")) if c}
+    return Columns(cols.unit, cols.time, scaler.settings, scaler.features, frozenset(known))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _parse_step(step: str | int) -> str | int:
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step
+    text = str(step).strip().lower()
+    if text in STEP_CHOICES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"--step: expected best, latest or a step number, got {step!r}")
+
+
+def _mesh(devices: Sequence[Any] | None) -> Any:
+    """Local devices only: each process predicts its own files, with no collective to wait on."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return parallel.make_mesh((len(devices), 1), devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What a checkpoint step says about its model, read before any array is: enough to check
+    inputs against it, so a bad file fails fast."""
+
+    uri: str
+    step: int  # the checkpoint step to restore
+    which: str | int  # 'best', 'latest' or the step number asked for
+    meta: dict[str, Any]
+    config: ml_collections.ConfigDict
+    scaler: features.Scaler
+    columns: Columns
+
+
+def _open_store(uri: str) -> checkpoint.CheckpointStore:
+    try:
+        return checkpoint.CheckpointStore(uri, create=False)
+    except Exception as err:  # remote stores fail in many library-specific ways
+        raise ConfigError(f"--checkpoint: cannot open {uri}: {_first_line(err)}") from err
+
+
+def read_saved(checkpoint_uri: str, step: str | int = "best") -> Saved:
+    """The config, scaler and input columns of the step `step` selects (see `load`)."""
+    which = _parse_step(step)
+    uri = store_uri(checkpoint_uri)
+    with _open_store(uri) as store:
+        available = store.all_steps()
+        if not available:
+            raise ConfigError(f"--checkpoint: no complete checkpoint in {uri}")
+        if isinstance(which, int) and which not in available:
+            raise ConfigError(
+                f"--step={which}: no such step in {uri} (steps: "
+                f"{', '.join(map(str, sorted(available)))})"
+            )
+        chosen = which if isinstance(which, int) else max(available)
+        meta = store.restore_meta(chosen)
+    missing = [k for k in ("config", "scaler") if k not in meta]
+    if missing:
+        raise ConfigError(
+            f"{uri} step {chosen}: checkpoint metadata lacks {', '.join(missing)}; it was not "
+            "written by pdm-jax training"
+        )
+    values = _tuples(meta["config"])
+    values["model"]["remat"] = ()  # a backward-pass setting: nothing to rematerialise here
+    config = ml_collections.ConfigDict(values)
+    scaler = features.Scaler.from_dict(meta["scaler"])
+    return Saved(uri, chosen, which, meta, config, scaler, _columns(config, scaler))
+
+
+def load(
+    source: str | Saved,
+    step: str | int = "best",
+    dtype: str | None = None,
+    devices: Sequence[Any] | None = None,
+) -> Predictor:
+    """Restores one step's parameters for prediction, replicated over `devices` (default: all
+    local ones).
+
+    'best' is the best-by-validation parameters held in the latest step; 'latest' and a number are
+    the parameters of that step (their Polyak average when the run used one, as its evaluation
+    did). `dtype` overrides the compute dtype the run resolved (e.g. float32 for a bf16 run
+    predicted on a CPU). `source` is a checkpoint URI or what `read_saved` returned (then `step` is
+    ignored).
+    """
+    saved = source if isinstance(source, Saved) else read_saved(source, step)
+    config, scaler = saved.config, saved.scaler
+    compute = dtype or config.compute.get("dtype", "float32")
+    if compute == "auto":
+        compute = train.resolve_dtype("auto")
+    spec = layers.spec_from_config(
+        config.model, len(scaler.features), int(config.data.window), dtype=compute
+    )
+    graphdef, host_params = models.split(models.build(spec, int(config.seed)))
+    optimizer, _ = train.make_optimizer(config.train)
+    mesh = _mesh(devices)
+    replicated = parallel.replicated(mesh)
+
+    def abstract(x: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+
+    # The whole state as training saved it: restoring a subset is not what the store offers,
+    # and 'latest' needs the optimizer state anyway when it holds a parameter average.
+    shapes = jax.tree.map(abstract, host_params)
+    target = {
+        "params": shapes,
+        "opt_state": jax.tree.map(abstract, jax.eval_shape(optimizer.init, host_params)),
+        "best_params": shapes,
+    }
+    with _open_store(saved.uri) as store:
+        try:
+            state, meta = store.restore(target, saved.step)
+        except (ValueError, KeyError) as err:  # a tree or shape mismatch in Orbax
+            raise ConfigError(
+                f"{saved.uri} step {saved.step}: parameters do not match the model its config "
+                f"describes ({_first_line(err)})"
+            ) from err
+    if saved.which == "best":
+        params = state["best_params"]
+        params_step = int(meta.get("early_stopping", {}).get("best_step") or saved.step)
+    else:
+        params = train.eval_params(state["params"], state["opt_state"])
+        params_step = saved.step
+    log.info(
+        "%s: step %d, %s parameters (from step %d), model %s, %s on %d device(s)",
+        saved.uri,
+        saved.step,
+        saved.which,
+        params_step,
+        spec.name,
+        spec.dtype,
+        mesh.devices.size,
+    )
+    return Predictor(
+        uri=saved.uri,
+        step=saved.step,
+        which=str(saved.which),
+        params_step=params_step,
+        config=config,
+        scaler=scaler,
+        columns=saved.columns,
+        spec=spec,
+        mesh=mesh,
+        params=params,
+        predict=steps.make_predict_step(graphdef, spec, mesh),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """One validated input file as a run table, plus how to name its units and times back."""
+
+    path: str
+    table: RunTable
+    times: np.ndarray  # [rows] the time column as the user wrote it (int when whole)
+
+
+def _is_whitespace_text(path: str) -> bool:
+    """C-MAPSS text (`test_FD001.txt[.gz]`) rather than a CSV that happens to end in .txt."""
+    lower = path.lower()
+    if not lower.endswith((".txt", ".txt.gz")):
+        return False
+    opener = gzip.open if lower.endswith(".gz") else open
+    with opener(path, "rt", encoding="ascii", errors="replace") as handle:
+        first = handle.readline()
+    return "," not in first
+
+
+def read_input(path: str | os.PathLike, columns: Columns, nan_policy: str = "error") -> Input:
+    """Reads and checks one input file against the columns the checkpoint's model reads."""
+    path = os.fspath(path)
+    validate.require_file(path, "input file")
+    name = validate.display_name(path)
+    if _is_whitespace_text(path):
+        frame = cmapss.read_history(path)
+        layout = Columns(
+            "unit", "cycle", columns.settings, columns.features, frozenset(cmapss.COLUMNS)
+        )
+    else:
+        frame = validate.read_user_file(path)
+        layout = columns
+    present = [str(c) for c in frame.columns]
+    missing = [c for c in layout.required if c not in present]
+    if missing:
+        raise DataError(
+            f"{name}: missing column(s) {', '.join(map(repr, missing))} that the checkpoint's "
+            f"model reads (unit {layout.unit!r}, time {layout.time!r}, "
+            f"{len(layout.settings)} setting(s), {len(layout.features)} feature(s))"
+        )
+    extra = [c for c in present if c not in layout.known]
+    if extra:
+        log.warning(
+            "%s: ignoring %d column(s) the model does not read: %s",
+            name,
+            len(extra),
+            ", ".join(map(repr, extra)),
+        )
+    numeric = [layout.time, *dict.fromkeys((*layout.settings, *layout.features))]
+    frame = validate.to_numeric(frame, numeric, name)
+    validate.check_units_and_time(frame, name, layout.unit, layout.time)
+    frame, _ = validate.apply_nan_policy(frame, numeric[1:], nan_policy, name, layout.unit)
+    codes, labels = pd.factorize(frame[layout.unit], sort=False)
+    raw_time = frame[layout.time].to_numpy(np.float64)
+    out = pd.DataFrame(
+        {
+            UNIT: codes.astype(np.int64),
+            TIME: raw_time,
+            DATASET: np.zeros(len(frame), dtype=np.int32),
+        }
+    )
+    for col in dict.fromkeys((*layout.settings, *layout.features)):
+        out[col] = frame[col].to_numpy(np.float64)
+    out[RUL] = np.nan
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f" and np.all(labels == np.round(labels)):
+        labels = labels.astype(np.int64)
+    whole = np.all(raw_time == np.round(raw_time))
+    table = RunTable(
+        frame=out,
+        settings=layout.settings,
+        sensors=layout.features,
+        unit_labels=labels,
+        unit_dataset=np.zeros(len(labels), dtype=np.int32),
+        name=name,
+    )
+    return Input(path=path, table=table, times=raw_time.astype(np.int64) if whole else raw_time)
+
+
+def _batch_size(requested: int, num_windows: int, devices: int) -> int:
+    """One size for every file (one compile), no bigger than needed, a multiple of `devices`."""
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ConfigError(f"--batch_size: expected an integer >= 1, got {requested!r}")
+    size = min(requested, max(num_windows, 1))
+    return -(-size // devices) * devices
+
+
+def _predict_windows(
+    predictor: Predictor,
+    windows: Windows,
+    batch_size: int,
+    progress: Progress,
+    warm: dict[str, float],
+) -> np.ndarray:
+    """[windows, Q + 1] float32: the model's outputs, then the point prediction, in window order.
+
+    Batch k+1 is gathered on the host while batch k runs (dispatch is asynchronous); results
+    are read back one batch behind.
+    """
+    sharding = parallel.batch_sharding(predictor.mesh)
+    outputs: list[np.ndarray] = []
+    pending: tuple[dict[str, jax.Array], np.ndarray] | None = None
+
+    def collect(out: dict[str, jax.Array], valid: np.ndarray) -> None:
+        pred = np.asarray(out["pred"], dtype=np.float32)
+        point = np.asarray(out["point"], dtype=np.float32)[:, None]
+        outputs.append(np.concatenate([pred, point], axis=1)[valid])
+        if not warm:  # the first batch paid for the compile: rates after it are the steady ones
+            warm.update(time=time.perf_counter(), count=int(valid.sum()))
+            progress.status = f"first batch incl. compile {warm['time'] - progress.start:.1f}s"
+        progress.update(int(valid.sum()))
+
+    for batch in eval_batches(windows, batch_size):
+        inputs = jax.device_put(steps.model_inputs(batch), sharding)
+        out = predictor.predict(predictor.params, inputs)
+        if pending is not None:
+            collect(*pending)
+        pending = (out, batch["valid"])
+    if pending is not None:
+        collect(*pending)
+    width = predictor.spec.num_outputs + 1
+    return np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
+
+
+def predict_inputs(
+    predictor: Predictor,
+    inputs: Sequence[Input],
+    all_steps: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Predictions for validated inputs: one row per unit (its last window), or per row."""
+    mode = "all" if all_steps else "last"
+    data = predictor.config.data
+    windows = [
+        dataset.make_windows(item.table, predictor.scaler, data.rul_cap, predictor.window, 1, mode)
+        for item in inputs
+    ]
+    for item in inputs:
+        starts, stops = item.table.unit_bounds()
+        short = int((stops - starts < predictor.window).sum())
+        if short:
+            log.warning(
+                "%s: %d unit(s) are shorter than the window (%d steps); their windows are "
+                "left-padded and masked",
+                item.table.name,
+                short,
+                predictor.window,
+            )
+    total = sum(len(w) for w in windows)
+    devices = int(predictor.mesh.devices.size)
+    size = _batch_size(batch_size, max((len(w) for w in windows), default=0), devices)
+    progress = Progress(
+        total, "windows", f"predicting {predictor.spec.name}", enabled=show_progress
+    )
+    warm: dict[str, float] = {}
+    frames = []
+    try:
+        for item, win in zip(inputs, windows, strict=True):
+            values = _predict_windows(predictor, win, size, progress, warm)
+            frame = pd.DataFrame(
+                {
+                    "unit": item.table.unit_labels[win.row_unit[win.ends]],
+                    "time": item.times[win.ends],
+                    "rul_pred": values[:, -1],
+                }
+            )
+            for index, column in predictor.quantile_columns:
+                frame[column] = values[:, index]
+            if len(inputs) > 1:
+                frame.insert(0, "file", item.path)
+            frames.append(frame)
+    finally:
+        progress.close()
+    now = time.perf_counter()
+    after = total - int(warm.get("count", 0))
+    steady = f", {after / (now - warm['time']):,.0f} windows/s after the first" if after else ""
+    log.info(
+        "predicted %d windows from %d file(s) in %.2fs%s (batch %d over %d device(s))",
+        total,
+        len(inputs),
+        now - progress.start,
+        steady,
+        size,
+        devices,
+    )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _output_format(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    if lower.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise ConfigError(
+        f"--output: {path}: unsupported extension (expected one of {', '.join(OUTPUT_SUFFIXES)})"
+    )
+
+
+def write_output(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Writes CSV or Parquet by extension; a reader never sees a partial file."""
+    path = os.fspath(path)
+    kind = _output_format(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--output: {path}: directory {directory} does not exist")
+    base = os.path.basename(path)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+    try:
+        if kind == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False, compression="gzip" if path.endswith(".gz") else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def predict_files(
+    checkpoint_uri: str,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    step: str | int = "best",
+    all_steps: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    dtype: str | None = None,
+    show_progress: bool = True,
+    devices: Sequence[Any] | None = None,
+) -> pd.DataFrame:
+    """RUL predictions for every unit of `inputs` from a checkpoint (store or run directory).
+
+    Columns: `unit`, `time` (of the window's last observation), `rul_pred` (point or median) and
+    `rul_pNN` per other model quantile; a leading `file` column when several inputs are given,
+    since their unit ids may repeat. With `all_steps`, one row per input row. Writes `output`
+    (CSV or Parquet by extension) when given. Every input is checked before anything runs.
+    """
+    if not inputs:
+        raise ConfigError("--input: give at least one file to predict on")
+    if output is not None:
+        _output_format(os.fspath(output))  # refuse a bad extension before the work
+    saved = read_saved(checkpoint_uri, step)
+    nan_policy = saved.config.data.get("nan_policy", "error")
+    items = [read_input(path, saved.columns, nan_policy) for path in inputs]
+    predictor = load(saved, dtype=dtype, devices=devices)
+    frame = predict_inputs(predictor, items, all_steps, batch_size, show_progress)
+    if output is not None:
+        write_output(frame, output)
+        log.info("wrote %d rows to %s", len(frame), os.fspath(output))
+    return frame

@@ -1,0 +1,261 @@
+"""Batch inference from real checkpoints: `pdm_jax.predict` and scripts/predict.py.
+
+Two short training runs (module-scoped, started together) give the checkpoints: a tiny
+CNN-BiLSTM on 8 simulated devices, predicted here on 1, and a tiny TFT for the quantile columns.
+Their report.json holds what the training loop itself predicted for each FD001 test unit's last
+window with the best parameters: inference from the checkpoint alone must agree with it.
+"""
+
+import json
+import logging
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from pdm_jax import predict
+from pdm_jax.data import cmapss
+from pdm_jax.errors import ConfigError, DataError
+from tests.conftest import REPO
+from tests.test_parallel import _env
+
+TEST_ROWS = 13_096  # rows of test_FD001.txt
+TRAIN = [
+    "--config.train.batch_size=64",
+    "--config.train.eval_every=10",
+    "--config.train.tensorboard=False",
+]
+CNN = [
+    "--config=configs/cnn_bilstm.py",
+    "--config.train.num_steps=20",
+    "--config.model.cnn_bilstm.channels=(8,)",
+    "--config.model.cnn_bilstm.dilations=(1,)",
+    "--config.model.cnn_bilstm.lstm_hidden=8",
+    "--config.model.cnn_bilstm.dense=8",
+]
+# A high constant rate without warm-up: 40 steps are then enough for the quantile heads to fan out
+# around the median (with the default warm-up they are still bunched together).
+TFT = [
+    "--config=configs/tft.py",
+    "--config.train.num_steps=40",
+    "--config.train.eval_every=20",
+    "--config.train.warmup_steps=0",
+    "--config.train.learning_rate=0.03",
+    "--config.model.tft.hidden=8",
+    "--config.model.tft.heads=1",
+    "--config.model.tft.var_hidden=4",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{'cnn': workdir, 'tft': workdir}: both trainings run at once (they share two cores)."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = {
+        "cnn": (CNN, 8),
+        "tft": (TFT, 1),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "pdm_jax.main", *args, *TRAIN, f"--workdir={root / name}"],
+            cwd=REPO,
+            env=_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, (args, devices) in jobs.items()
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
+    return {name: root / name for name in jobs}
+
+
+@pytest.fixture(scope="module")
+def test_file():
+    directory, suffix = cmapss.locate("FD001")
+    return str(directory / f"test_FD001.txt{suffix}")
+
+
+def _report(workdir) -> dict:
+    return json.loads((workdir / "report.json").read_text())
+
+
+def _script(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/predict.py", *args],
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_file, tmp_path):
+    report = _report(runs["cnn"])
+    assert report["layout"]["mesh"] == [8, 1]
+    out = tmp_path / "pred.csv"
+    frame = predict.predict_files(
+        str(runs["cnn"]), [test_file], out, devices=jax.local_devices()[:1]
+    )
+    assert list(frame.columns) == ["unit", "time", "rul_pred"]
+    assert len(frame) == 100
+    per_unit = report["per_unit"]
+    assert frame["unit"].tolist() == [u["unit"] for u in per_unit] == list(range(1, 101))
+    np.testing.assert_allclose(
+        frame["rul_pred"], [u["pred"] for u in per_unit], rtol=1e-5, atol=1e-4
+    )
+    history = cmapss.read_history(test_file)
+    last = history.groupby("unit", sort=False)["cycle"].max().to_numpy()
+    np.testing.assert_array_equal(frame["time"], last)
+    written = pd.read_csv(out)
+    assert list(written.columns) == list(frame.columns)
+    np.testing.assert_allclose(written["rul_pred"], frame["rul_pred"], rtol=1e-6)
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
+
+
+def test_all_steps_gives_a_row_per_input_row_ending_in_the_default(runs, test_file):
+    default = predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    every = predict.predict_files(
+        str(runs["cnn"]), [test_file], all_steps=True, show_progress=False
+    )
+    assert len(every) == TEST_ROWS
+    history = cmapss.read_history(test_file)
+    np.testing.assert_array_equal(every["unit"], history["unit"].astype(int))
+    np.testing.assert_array_equal(every["time"], history["cycle"].astype(int))
+    last = every.groupby("unit", sort=False).tail(1).reset_index(drop=True)
+    np.testing.assert_array_equal(last[["unit", "time"]], default[["unit", "time"]])
+    # Batches of 1024 windows here, of 100 there: equal up to float reassociation.
+    np.testing.assert_allclose(last["rul_pred"], default["rul_pred"], rtol=1e-5, atol=1e-4)
+
+
+def test_step_selection(runs, test_file):
+    uri = str(runs["cnn"] / "checkpoints")
+    steps = sorted(int(p.name) for p in (runs["cnn"] / "checkpoints").iterdir() if p.name.isdigit())
+    latest = predict.predict_files(uri, [test_file], step="latest", show_progress=False)
+    by_number = predict.predict_files(uri, [test_file], step=str(steps[-1]), show_progress=False)
+    pd.testing.assert_frame_equal(latest, by_number)
+    with pytest.raises(ConfigError, match=r"--step=7: no such step .*steps: 20"):
+        predict.read_saved(uri, 7)
+    with pytest.raises(ConfigError, match="--step: expected best, latest or a step number"):
+        predict.read_saved(uri, "first")
+
+
+def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
+    report = _report(runs["tft"])
+    out = tmp_path / "pred.parquet"
+    frame = predict.predict_files(f"file://{runs['tft']}", [test_file], out)
+    assert list(frame.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
+    np.testing.assert_allclose(
+        frame["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
+    )
+    inside = (frame["rul_p10"] <= frame["rul_pred"]) & (frame["rul_pred"] <= frame["rul_p90"])
+    assert inside.mean() >= 0.9, inside.mean()
+    pd.testing.assert_frame_equal(pd.read_parquet(out), frame)
+
+
+def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplog):
+    """The training layout as a CSV (any unit order) predicts like the text file; an unknown
+    column is ignored with a warning and a unit shorter than the window is padded, counted."""
+    history = cmapss.read_history(test_file)
+    history["unit"] = history["unit"].astype(int)
+    history["cycle"] = history["cycle"].astype(int)
+    history["operator_note"] = "ok"
+    short = history[history["unit"] == 7].head(5)
+    rest = history[~history["unit"].isin([7])]
+    path = tmp_path / "units.csv"
+    pd.concat([short, rest]).to_csv(path, index=False)
+    caplog.set_level(logging.WARNING, logger="pdm_jax.predict")
+    frame = predict.predict_files(str(runs["cnn"]), [str(path)], show_progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ignoring 1 column(s)" in m and "'operator_note'" in m for m in messages)
+    assert any("1 unit(s) are shorter than the window (30 steps)" in m for m in messages)
+    assert frame["unit"].tolist()[:2] == [7, 1]  # the file's order
+    assert frame["time"].iloc[0] == 5 and np.isfinite(frame["rul_pred"]).all()
+    reference = predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    merged = frame.iloc[1:].merge(reference, on="unit", suffixes=("", "_ref"))
+    assert len(merged) == 99
+    np.testing.assert_allclose(merged["rul_pred"], merged["rul_pred_ref"], rtol=1e-5, atol=1e-4)
+
+
+def test_several_inputs_are_told_apart_by_file(runs, test_file, tmp_path):
+    history = cmapss.read_history(test_file)
+    part = tmp_path / "part.parquet"
+    history[history["unit"] <= 3].to_parquet(part)
+    frame = predict.predict_files(str(runs["cnn"]), [test_file, part], show_progress=False)
+    assert list(frame.columns) == ["file", "unit", "time", "rul_pred"]
+    assert frame["file"].value_counts().to_dict() == {test_file: 100, str(part): 3}
+    ours = frame[frame["file"] == str(part)].reset_index(drop=True)
+    theirs = frame[frame["file"] == test_file].head(3).reset_index(drop=True)
+    np.testing.assert_allclose(ours["rul_pred"], theirs["rul_pred"], rtol=1e-5, atol=1e-4)
+
+
+def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tmp_path):
+    out = tmp_path / "pred.parquet"
+    proc = _script(
+        f"--checkpoint={runs['cnn'] / 'checkpoints'}",
+        f"--input={test_file}",
+        f"--output={out}",
+        "--all_steps",
+        "--batch_size=1001",  # rounded up to 1008, a multiple of the 8 devices
+        devices=8,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "(batch 1008 over 8 device(s))" in proc.stderr
+    assert f"{TEST_ROWS}/{TEST_ROWS} windows" in proc.stderr and "windows/s" in proc.stderr
+    frame = pd.read_parquet(out)
+    one = predict.predict_files(str(runs["cnn"]), [test_file], all_steps=True, show_progress=False)
+    assert list(frame.columns) == ["unit", "time", "rul_pred"]
+    np.testing.assert_array_equal(frame[["unit", "time"]], one[["unit", "time"]])
+    np.testing.assert_allclose(frame["rul_pred"], one["rul_pred"], rtol=1e-5, atol=1e-4)
+
+
+def test_script_missing_sensor_column_is_one_error_line_and_no_output(runs, test_file, tmp_path):
+    history = cmapss.read_history(test_file).drop(columns=["s_3", "s_11"])
+    path = tmp_path / "no_s3.csv"
+    history.to_csv(path, index=False)
+    out = tmp_path / "pred.csv"
+    proc = _script(f"--checkpoint={runs['cnn']}", f"--input={path}", f"--output={out}")
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "'s_3', 's_11'" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [path]
+
+
+def test_script_nonexistent_checkpoint_is_one_error_line(tmp_path, test_file):
+    out = tmp_path / "pred.csv"
+    proc = _script(
+        f"--checkpoint={tmp_path / 'no_such_run'}", f"--input={test_file}", f"--output={out}"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --checkpoint: {tmp_path / 'no_such_run'}: no such checkpoint store or run "
+        "directory"
+    ]
+    assert not out.exists()
+
+
+def test_library_errors_name_the_problem(runs, tmp_path):
+    bad = tmp_path / "text.csv"
+    bad.write_text("unit,cycle\n1,1\n")
+    with pytest.raises(DataError, match=r"text\.csv: missing column\(s\) 'setting_1'"):
+        predict.predict_files(str(runs["cnn"]), [str(bad)], show_progress=False)
+    with pytest.raises(ConfigError, match=r"--output: .*unsupported extension"):
+        predict.predict_files(str(runs["cnn"]), [str(bad)], tmp_path / "out.xlsx")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        predict.predict_files(str(tmp_path), [str(bad)])
+
+
+def test_quantile_column_names():
+    assert [predict.quantile_column(q) for q in (0.1, 0.9, 0.05, 0.975)] == [
+        "rul_p10",
+        "rul_p90",
+        "rul_p05",
+        "rul_p97.5",
+    ]
