@@ -183,15 +183,22 @@ def setup(config: Any) -> Setup:
     return Setup(detected, layout, resolve(config, layout), options)
 
 
-def resume_source(store: checkpoint.CheckpointStore, config: Any) -> Any:
+def surely_empty(uri: str) -> bool:
+    """A local store with no step directories: not worth opening an Orbax manager for (one
+    opened on nothing leaves a background thread that complains at interpreter exit)."""
+    if "://" in uri:
+        return False
+    return not os.path.isdir(uri) or not any(name.isdigit() for name in os.listdir(uri))
+
+
+def resume_source(store: checkpoint.CheckpointStore | None, config: Any) -> Any:
     """Where to resume from: this run's own store when it has a step, else `resume_from`."""
-    if store.latest_step() is not None:
+    if store is not None and store.latest_step() is not None:
         return store
     if config.checkpoint.resume_from:
-        other = checkpoint.CheckpointStore(
-            checkpoint.resolve_uri(config.checkpoint.resume_from, ""), create=False
-        )
-        if other.latest_step() is None:
+        uri = checkpoint.resolve_uri(config.checkpoint.resume_from, "")
+        other = None if surely_empty(uri) else checkpoint.CheckpointStore(uri, create=False)
+        if other is None or other.latest_step() is None:
             raise ConfigError(
                 f"config.checkpoint.resume_from: no complete checkpoint in "
                 f"{config.checkpoint.resume_from!r}"
@@ -353,7 +360,8 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
     `checkpoint.resume_from`) scored on the validation and test units; writes report.json."""
     run = build(config, workdir, data_dir)
     uri = checkpoint.resolve_uri(run.config.checkpoint.uri, workdir)
-    with checkpoint.CheckpointStore(uri, create=False) as own:
+    own = None if surely_empty(uri) else checkpoint.CheckpointStore(uri, create=False)
+    try:
         source = resume_source(own, run.config)
         if source is None:
             raise ConfigError(
@@ -367,6 +375,9 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
         source_uri = source.uri
         if source is not own:
             source.close()
+    finally:
+        if own is not None:
+            own.close()
     predict = steps.make_predict_step(run.graphdef, run.spec, run.mesh, run.options)
     params = parallel.replicate(best["params"], run.mesh)
     report: dict[str, Any] = {

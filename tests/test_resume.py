@@ -194,3 +194,4 @@ def test_eval_mode_without_a_checkpoint_is_one_line_exit_2(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert out.strip().splitlines()[-1].startswith("error: --mode=eval: no complete checkpoint in")
+    assert "Traceback" not in out
