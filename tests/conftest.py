@@ -52,3 +52,16 @@ def load_config(name: str = "tft"):
     from pdm_jax.configuration import load_config as load
 
     return load(name)
+
+
+def tiny_cnn_config(dropout: float | None = None):
+    """configs/cnn_bilstm.py shrunk to compile in about a second: for tests of the loop, not of
+    the model."""
+    cfg = load_config("cnn_bilstm")
+    cfg.model.cnn_bilstm.channels = (8,)
+    cfg.model.cnn_bilstm.dilations = (1,)
+    cfg.model.cnn_bilstm.lstm_hidden = 8
+    cfg.model.cnn_bilstm.dense = 8
+    if dropout is not None:
+        cfg.model.dropout = dropout
+    return cfg

@@ -16,7 +16,7 @@ import pytest
 from pdm_jax import models, parallel, steps
 from pdm_jax.data import dataset
 from pdm_jax.models import layers
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, tiny_cnn_config
 
 TINY_CNN = [
     "--config=configs/cnn_bilstm.py",
@@ -116,12 +116,7 @@ def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
 
 
 def _tiny_setup():
-    cfg = load_config("cnn_bilstm")
-    cfg.model.dropout = 0.0
-    cfg.model.cnn_bilstm.channels = (8,)
-    cfg.model.cnn_bilstm.dilations = (1,)
-    cfg.model.cnn_bilstm.lstm_hidden = 8
-    cfg.model.cnn_bilstm.dense = 8
+    cfg = tiny_cnn_config(dropout=0.0)
     prepared = dataset.prepare(cfg.data, cfg.seed)
     spec = layers.spec_from_config(cfg.model, 14, cfg.data.window)
     graphdef, params = models.split(models.build(spec))

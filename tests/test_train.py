@@ -7,15 +7,11 @@ import optax
 from pdm_jax import models, steps, train
 from pdm_jax.data import dataset
 from pdm_jax.models import layers
-from tests.conftest import load_config
+from tests.conftest import load_config, tiny_cnn_config
 
 
 def test_best_params_snapshot_survives_the_donating_train_step():
-    cfg = load_config("cnn_bilstm")
-    cfg.model.cnn_bilstm.channels = (8,)
-    cfg.model.cnn_bilstm.dilations = (1,)
-    cfg.model.cnn_bilstm.lstm_hidden = 8
-    cfg.model.cnn_bilstm.dense = 8
+    cfg = tiny_cnn_config()
     prepared = dataset.prepare(cfg.data, cfg.seed)
     spec = layers.spec_from_config(cfg.model, 14, cfg.data.window)
     graphdef, params = models.split(models.build(spec))
