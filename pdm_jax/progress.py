@@ -32,6 +32,7 @@ class Progress:
         self.status = ""  # free text shown after the rate, e.g. "epoch 3.2, loss 0.41"
         self.start = time.perf_counter()
         self._last = 0.0
+        self._shown = -1  # count at the last line written
 
     @property
     def rate(self) -> float:
@@ -52,12 +53,13 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and now - self._last >= self.interval:
             self._last = now
+            self._shown = self.count
             self.stream.write(
                 ("\r" if self.tty else "") + self._line() + ("" if self.tty else "\n")
             )
             self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and (self.tty or self._shown != self.count):
             self.stream.write(("\r" if self.tty else "") + self._line() + "\n")
             self.stream.flush()
