@@ -344,7 +344,14 @@ class MotoS3Server(StorageServer):
 
 
 class GcsEmulatorServer(StorageServer):
-    """gcp-storage-emulator on disk, so that data survives a clean restart."""
+    """gcp-storage-emulator on disk, so that data survives a clean restart.
+
+    Run through this file's launcher, which adds the `x-goog-generation` header that real GCS
+    sends with every object download and the emulator leaves out. TensorStore takes an object's
+    generation from that header; without it a read reports generation 0, and the conditional
+    write OCDBT then makes on a manifest fails with "Malformed StorageGeneration" (now and then,
+    whenever OCDBT re-reads a manifest instead of using its cache).
+    """
 
     name = "GCS emulator (gcp-storage-emulator)"
     scheme = "gs"
@@ -364,10 +371,11 @@ class GcsEmulatorServer(StorageServer):
         }
 
     def _command(self) -> list[str]:
-        executable = Path(sys.executable).with_name("gcp-storage-emulator")
         data = str(self.workdir / "data")
         port = str(self.port)
-        return [str(executable), "--data-dir", data, "start", "--host", HOST, "--port", port]
+        # -P keeps tests/ (whose data/ and models/ could shadow packages) off the server's path.
+        launcher = [sys.executable, "-P", __file__, "gcs-emulator"]
+        return [*launcher, "--data-dir", data, "start", "--host", HOST, "--port", port]
 
     def _patch_client_config(self, patch: pytest.MonkeyPatch) -> None:
         import fsspec.config
@@ -691,8 +699,40 @@ def _moto_main(port: int, recording: str, replay_from: str | None) -> None:
     run_simple(HOST, port, gated, threaded=True, request_handler=MotoRequestHandler)
 
 
+# --- GCS launcher: runs in the server process (``python -P tests/servers.py gcs-emulator ...``) ---
+
+
+def _gcs_main(args: list[str]) -> None:
+    """gcp-storage-emulator's CLI, with object downloads that carry their generation."""
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request: Any, response: Any, storage: Any, *a: Any) -> None:
+        download(request, response, storage, *a)
+        if response.status.value >= 300:
+            return
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # vanished in between: the download already answered
+            return
+        response["x-goog-generation"] = str(obj.get("generation") or 1)
+        response["x-goog-metageneration"] = str(obj.get("metageneration") or 1)
+
+    # Before the server module is imported: its routing table takes the handler from here, and
+    # objects.get (alt=media) calls the module-level name.
+    objects.download = download_with_generation
+    from gcp_storage_emulator.__main__ import main
+
+    sys.exit(main(args))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["moto-s3"]:
         _moto_main(int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif sys.argv[1:2] == ["gcs-emulator"]:
+        _gcs_main(sys.argv[2:])
     else:
-        sys.exit(f"usage: {sys.argv[0]} moto-s3 PORT RECORDING [REPLAY_FROM]")
+        sys.exit(
+            f"usage: {sys.argv[0]} moto-s3 PORT RECORDING [REPLAY_FROM] | gcs-emulator ARGS..."
+        )
