@@ -129,11 +129,10 @@ def evaluate(
     With a mesh, each process feeds its share of every batch and reads back the whole prediction.
     """
     data_parallel = mesh.shape[parallel.DATA] if mesh is not None else 1
-    share = host_share(
-        eval_batch_size(len(windows), data_parallel), jax.process_index(), jax.process_count()
-    )
+    size = eval_batch_size(len(windows), data_parallel)
+    share = host_share(size, jax.process_index(), jax.process_count())
     preds, truth, units = [], [], []
-    for batch in eval_batches(windows, eval_batch_size(len(windows), data_parallel)):
+    for batch in eval_batches(windows, size):
         valid = batch["valid"]
         inputs = steps.model_inputs(batch)
         if mesh is None:
