@@ -18,7 +18,10 @@ import pytest
 
 from pdm_jax import checkpoint
 from tests.conftest import REPO
-from tests.test_parallel import _env, _losses
+from tests.test_parallel import _env, _free_port, _losses
+
+pytest_plugins = ["tests.servers"]
+REMOTE = {"s3": "s3_env", "gs": "gcs_env", "az": "azure_env"}
 
 STEPS = 60
 TINY = [
@@ -55,8 +58,8 @@ def _start(workdir, steps: int = STEPS, devices: int = 1, extra=()) -> subproces
     )
 
 
-def _run(workdir, steps: int = STEPS, devices: int = 1) -> dict:
-    proc = _start(workdir, steps, devices)
+def _run(workdir, steps: int = STEPS, devices: int = 1, extra=()) -> dict:
+    proc = _start(workdir, steps, devices, extra)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     return json.loads((workdir / "report.json").read_text())
@@ -163,18 +166,69 @@ def test_a_checkpoint_of_another_config_is_one_line_naming_the_keys(tmp_path):
     )
 
 
-def test_resume_from_another_store(tmp_path):
-    _run(tmp_path / "a", steps=10)
-    proc = _start(
-        tmp_path / "b",
-        steps=20,
-        extra=[f"--config.checkpoint.resume_from={tmp_path / 'a' / 'checkpoints'}"],
+@pytest.fixture(params=sorted(REMOTE))
+def bucket(request) -> str:
+    """A fresh `<scheme>://bucket/run` on a real server, its client variables in os.environ
+    (which the training subprocesses inherit, as a user's shell would pass them)."""
+    return request.getfixturevalue(REMOTE[request.param]).make_bucket() + "/run"
+
+
+def test_sigkill_with_checkpoints_on_object_storage_then_rerun_ends_bit_identical(
+    tmp_path, reference, bucket
+):
+    ref_report, ref_losses = reference
+    extra = [f"--config.checkpoint.uri={bucket}"]
+    proc = _start(tmp_path, extra=extra)
+    _wait_for_step(proc, tmp_path, 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with checkpoint.CheckpointStore(bucket) as store:
+        resumed_at = max(store.all_steps())
+    assert 10 <= resumed_at < STEPS
+    report = _run(tmp_path, extra=extra)
+    assert report["resumed_from_step"] == resumed_at
+    assert report["params_sha256"] == ref_report["params_sha256"]
+    assert _losses(tmp_path) == ref_losses
+
+
+def test_two_processes_save_to_s3_then_one_process_continues_with_saves_to_azure(
+    tmp_path, reference, s3_env, azure_env
+):
+    """Trained to s3:// by two jax.distributed processes (4 devices), continued from there by
+    one process on one device that saves to az://: the same run, step for step."""
+    _, ref_losses = reference
+    s3_uri, az_uri = s3_env.make_bucket() + "/run", azure_env.make_bucket() + "/run"
+    port = _free_port()
+    procs = [
+        _start(
+            tmp_path / "two",
+            steps=30,
+            devices=2,
+            extra=[
+                f"--config.checkpoint.uri={s3_uri}",
+                f"--config.distributed.coordinator=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.timeout_s=120",
+            ],
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    with checkpoint.CheckpointStore(s3_uri) as store:
+        assert store.all_steps() == [10, 20, 30]
+    report = _run(
+        tmp_path / "one",
+        extra=[f"--config.checkpoint.uri={az_uri}", f"--config.checkpoint.resume_from={s3_uri}"],
     )
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
-    report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["resumed_from_step"] == 10
-    assert sorted(os.listdir(tmp_path / "b" / "checkpoints"))[-1] == "20"
+    assert report["resumed_from_step"] == 30 and report["layout"]["mesh"] == [1, 1]
+    with checkpoint.CheckpointStore(az_uri) as store:
+        assert store.latest_step() == STEPS
+    np.testing.assert_allclose(_losses(tmp_path / "two"), ref_losses[:30], rtol=2e-4)
+    np.testing.assert_allclose(_losses(tmp_path / "one"), ref_losses[30:], rtol=2e-4)
 
 
 def test_eval_mode_scores_the_best_checkpoint_like_the_training_run(tmp_path):
