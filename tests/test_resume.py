@@ -6,7 +6,6 @@ same layout, and on a different device count continue with the same losses to fl
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
