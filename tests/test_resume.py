@@ -191,6 +191,34 @@ def test_sigkill_with_checkpoints_on_object_storage_then_rerun_ends_bit_identica
     assert _losses(tmp_path) == ref_losses
 
 
+def test_on_s3_sigterm_saves_a_bad_config_is_refused_and_eight_devices_continue(
+    tmp_path, reference, s3_env
+):
+    """Checks 3, 8 and 4 on one remote backend, in sequence on one store: a stop signal saves
+    the step it was in; a run with another config is refused with the keys; a run on another
+    device count continues the same run."""
+    _, ref_losses = reference
+    extra = [f"--config.checkpoint.uri={s3_env.make_bucket()}/run"]
+    proc = _start(tmp_path, extra=extra)
+    _wait_for_step(proc, tmp_path, 15)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    logged = max(
+        json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    )
+    assert f"saved step {logged}" in out
+
+    refused = _start(tmp_path, extra=[*extra, "--config.train.learning_rate=0.01"])
+    out, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2
+    assert out.strip().splitlines()[-1].endswith("keys that differ: train.learning_rate")
+
+    report = _run(tmp_path, devices=8, extra=extra)
+    assert report["resumed_from_step"] == logged and report["layout"]["mesh"] == [8, 1]
+    np.testing.assert_allclose(_losses(tmp_path), ref_losses, rtol=2e-4)
+
+
 def test_two_processes_save_to_s3_then_one_process_continues_with_saves_to_azure(
     tmp_path, reference, s3_env, azure_env
 ):
