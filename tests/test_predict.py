@@ -22,6 +22,7 @@ from pdm_jax.errors import ConfigError, DataError
 from tests.conftest import REPO
 from tests.test_parallel import _env
 
+pytest_plugins = ["tests.servers"]
 TEST_ROWS = 13_096  # rows of test_FD001.txt
 TRAIN = [
     "--config.train.batch_size=64",
@@ -117,6 +118,40 @@ def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_fil
     assert list(written.columns) == list(frame.columns)
     np.testing.assert_allclose(written["rul_pred"], frame["rul_pred"], rtol=1e-6)
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
+
+
+def test_checkpoint_on_s3_predicts_the_report(test_file, tmp_path, s3_env):
+    """Trained with its store on S3 (moto), predicted by the script from the s3:// URI alone,
+    with only the standard AWS variables to find the server."""
+    uri = s3_env.make_bucket() + "/run"
+    workdir = tmp_path / "run"
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdm_jax.main",
+            *CNN,
+            *TRAIN,
+            f"--workdir={workdir}",
+            f"--config.checkpoint.uri={uri}",
+        ],
+        cwd=REPO,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert not (workdir / "checkpoints").exists()
+    out = tmp_path / "pred.csv"
+    proc = _script(f"--checkpoint={uri}", f"--input={test_file}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out)
+    report = _report(workdir)
+    assert frame["unit"].tolist() == [u["unit"] for u in report["per_unit"]]
+    np.testing.assert_allclose(
+        frame["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
+    )
 
 
 def test_all_steps_gives_a_row_per_input_row_ending_in_the_default(runs, test_file):
