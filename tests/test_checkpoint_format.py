@@ -1,0 +1,78 @@
+"""Checkpoint format compatibility: a frozen format-1 checkpoint (tests/fixtures/checkpoint_v1,
+written by `python -m tests.test_checkpoint_format`) must keep restoring, bit for bit, whatever
+later code changes; a checkpoint newer than the code is refused in one line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from pdm_jax import checkpoint
+from pdm_jax.errors import ConfigError
+
+FIXTURE = Path(__file__).with_name("fixtures") / "checkpoint_v1"
+META = {
+    "data": {"next_batch": 96, "epoch": 1, "seed": 0},
+    "early_stopping": {"best_rmse": 21.5, "best_step": 4, "stale": 1},
+    "config": {"model": {"name": "cnn_bilstm"}, "seed": 0},
+    "fingerprint": "f" * 64,
+}
+
+
+def v1_state() -> dict[str, Any]:
+    """The state the fixture holds: params, an AdamW-like state and best params."""
+    rng = np.random.default_rng(1)
+
+    def params() -> dict[str, Any]:
+        return {
+            "conv": {"kernel": rng.normal(size=(3, 4, 8)).astype(np.float32)},
+            "head": {"bias": rng.normal(size=(1,)).astype(np.float32)},
+        }
+
+    return {
+        "params": params(),
+        "opt_state": (np.int32(5), {"mu": params(), "nu": params()}),
+        "best_params": params(),
+    }
+
+
+def test_format_1_checkpoint_restores_bitwise(tmp_path):
+    store_dir = tmp_path / "store"
+    shutil.copytree(FIXTURE, store_dir)  # restoring may write nothing, but never to the repo
+    with checkpoint.CheckpointStore(str(store_dir), create=False) as store:
+        assert store.all_steps() == [4]
+        expected = v1_state()
+        restored, meta = store.restore(jax.tree.map(np.zeros_like, expected))
+    assert meta == {**META, "format_version": 1, "step": 4}
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+        assert np.asarray(got).dtype == want.dtype
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def test_a_checkpoint_newer_than_the_code_is_one_line(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    with checkpoint.CheckpointStore(uri) as store:
+        store.save(3, v1_state(), META)
+        assert store.wait()
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    with checkpoint.CheckpointStore(uri, create=False) as store, pytest.raises(ConfigError) as err:
+        store.restore(jax.tree.map(np.zeros_like, v1_state()))
+    assert str(err.value) == (
+        f"checkpoint {uri} step 3 has format 2, newer than this pdm-jax reads (1); upgrade pdm-jax"
+    )
+
+
+if __name__ == "__main__":  # regenerate the fixture (only when FORMAT_VERSION is still 1)
+    assert checkpoint.FORMAT_VERSION == 1, "the fixture is frozen at format 1"
+    shutil.rmtree(FIXTURE, ignore_errors=True)
+    with checkpoint.CheckpointStore(str(FIXTURE)) as store:
+        store.save(4, v1_state(), META, {"val_rmse": 21.5})
+        sys.exit(0 if store.wait() else 1)
