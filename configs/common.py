@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # C-MAPSS training sits on a long plateau first; at the RUL cap (125) it learns at once but
     # overfits sooner (measured on FD001, see experiments/README.md).
     config.model.target_scale = 1.0
+    config.model.target_offset = 0.0  # cycles added to the scaled head (e.g. mid RUL range)
     config.model.point_loss = "mse"  # point heads (quantiles=()): 'mse' | 'huber'
     config.model.huber_delta = 10.0  # cycles, for 'huber'
     # Gradient checkpointing per block (TFT: 'vsn', 'lstm', 'attention'; CNN-BiLSTM: 'conv',
@@ -101,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every = 200
     train.log_every = 50  # steps between train-loss lines in metrics.jsonl / TensorBoard
     train.tensorboard = True  # TensorBoard event files under <workdir>/tb
+    # PNG plots under <workdir>/plots after training and --mode=eval (pdm_jax/report.py); a
+    # plotting failure only logs a warning. False skips them (and matplotlib's import).
+    train.plots = True
 
     config.compute = ml_collections.ConfigDict()
     config.compute.dtype = "auto"  # 'auto' | 'float32' | 'bfloat16'

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.log_every",
     "train.tensorboard",
+    "train.plots",
     "train.grad_accum",
     "checkpoint.",
     "compute.",

@@ -6,12 +6,45 @@ s = sum(exp(-d/13) - 1 if d < 0 else exp(d/10) - 1), d = predicted - true.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+# The quantile pair whose interval report.json scores (`coverage_p10_p90`, per-unit p10/p90).
+INTERVAL = (0.1, 0.9)
+
+
+def phm08_penalty(d: np.ndarray) -> np.ndarray:
+    """Each error's PHM08 term: the score is their sum, and the report plots draw this curve."""
+    d = np.asarray(d, np.float64)
+    return np.where(d < 0, np.expm1(-d / 13.0), np.expm1(d / 10.0))
 
 
 def phm08_score(pred: np.ndarray, true: np.ndarray) -> float:
-    d = np.asarray(pred, np.float64) - np.asarray(true, np.float64)
-    return float(np.where(d < 0, np.expm1(-d / 13.0), np.expm1(d / 10.0)).sum())
+    return float(phm08_penalty(np.asarray(pred, np.float64) - np.asarray(true, np.float64)).sum())
+
+
+def interval_columns(
+    quantiles: Sequence[float], interval: tuple[float, float] = INTERVAL
+) -> tuple[int, int] | None:
+    """Output indices of the interval's two quantiles, or None when the model lacks either: a
+    (0.05, 0.5, 0.95) model has no p10-p90 interval, and calling its 5-95 one that would lie."""
+    found = []
+    for q in interval:
+        hits = [i for i, have in enumerate(quantiles) if abs(float(have) - q) < 1e-6]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return found[0], found[1]
+
+
+def interval_coverage(low: np.ndarray, high: np.ndarray, true: np.ndarray) -> float:
+    """Share of truths inside [low, high]: about 0.8 for a calibrated p10-p90 interval."""
+    true = np.asarray(true, np.float64)
+    if not len(true):
+        return float("nan")
+    inside = (np.asarray(low, np.float64) <= true) & (true <= np.asarray(high, np.float64))
+    return float(inside.mean())
 
 
 def rul_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

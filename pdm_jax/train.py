@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -124,14 +125,15 @@ def eval_batch_size(num_windows: int, data_parallel: int) -> int:
 def evaluate(
     predict: Any, params: Any, windows: Windows, mesh: Any | None = None
 ) -> dict[str, Any]:
-    """Point predictions for every window and their scores against the (capped) truth.
+    """Point predictions for every window and their scores against the (capped) truth, plus
+    every model output (`outputs` [N, Q]: the quantiles, one column for point models).
 
     With a mesh, each process feeds its share of every batch and reads back the whole prediction.
     """
     data_parallel = mesh.shape[parallel.DATA] if mesh is not None else 1
     size = eval_batch_size(len(windows), data_parallel)
     share = host_share(size, jax.process_index(), jax.process_count())
-    preds, truth, units = [], [], []
+    preds, outputs, truth, units = [], [], [], []
     for batch in eval_batches(windows, size):
         valid = batch["valid"]
         inputs = steps.model_inputs(batch)
@@ -141,11 +143,13 @@ def evaluate(
             local = {k: v[share] for k, v in inputs.items()}
             out = predict(params, parallel.global_batch(local, mesh))
         preds.append(parallel.to_host(out["point"])[valid])
+        outputs.append(parallel.to_host(out["pred"])[valid])
         truth.append(batch["y"][valid])
         units.append(batch["unit"][valid])
     pred, true = np.concatenate(preds), np.concatenate(truth)
     return {
         "pred": pred,
+        "outputs": np.concatenate(outputs),
         "true": true,
         "unit": np.concatenate(units),
         **metrics.rul_metrics(pred, true),
@@ -333,30 +337,79 @@ def layout_summary(layout: platform.Layout) -> dict[str, Any]:
 
 
 def test_report(
-    predict: Any, params: Any, prepared: dataset.Prepared, mesh: Any
+    predict: Any,
+    params: Any,
+    prepared: dataset.Prepared,
+    mesh: Any,
+    quantiles: Sequence[float] = (),
 ) -> dict[str, Any] | None:
-    """Scores on each test unit's last window and per-unit errors; None without test truth."""
+    """Scores on each test unit's last window and per-unit errors; None without test truth.
+
+    With p10 and p90 among the model's `quantiles`, also each unit's interval and
+    `test.coverage_p10_p90`, the share of units whose truth it covers (0.8 if calibrated): a
+    band that looks reasonable on a plot can still be badly over- or under-confident.
+    """
     if prepared.test is None or not np.isfinite(prepared.test.targets).any():
         return None
     result = evaluate(predict, params, prepared.test, mesh)
     labels = prepared.raw.test.unit_labels
-    return {
-        "test": {k: result[k] for k in ("rmse", "mae", "phm08", "count")},
-        "per_unit": [
-            {
-                "unit": labels[u].item() if hasattr(labels[u], "item") else labels[u],
-                "true": float(t),
-                "pred": float(p),
-                "error": float(p - t),
-            }
-            for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
-        ],
-    }
+    per_unit = [
+        {
+            "unit": labels[u].item() if hasattr(labels[u], "item") else labels[u],
+            "true": float(t),
+            "pred": float(p),
+            "error": float(p - t),
+        }
+        for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
+    ]
+    scores = {k: result[k] for k in ("rmse", "mae", "phm08", "count")}
+    band = metrics.interval_columns(quantiles)
+    if band is not None:
+        low, high = result["outputs"][:, band[0]], result["outputs"][:, band[1]]
+        scores["coverage_p10_p90"] = metrics.interval_coverage(low, high, result["true"])
+        for row, lo, hi in zip(per_unit, low, high, strict=True):
+            row.update(p10=float(lo), p90=float(hi))
+    return {"test": scores, "per_unit": per_unit}
+
+
+def write_plots(
+    run: Run, workdir: str, report: dict[str, Any], params: Any, test: bool = True
+) -> list[str]:
+    """The report plots (`pdm_jax.report`) on process 0, when `config.train.plots` is on.
+
+    Plots are a convenience: any failure (matplotlib missing, a drawing error) is logged as a
+    warning and the run, whose report.json and checkpoints are already written, goes on. With
+    `test` False (`--mode=train`) the test units stay unseen: curves, and the TFT's explanation
+    on validation windows, only.
+    """
+    if not run.primary or not run.config.train.get("plots", True):
+        return []
+    try:
+        from pdm_jax import report as plots
+
+        test_windows = run.prepared.test if test else None
+        files = plots.run_plots(
+            workdir,
+            report,
+            run.graphdef,
+            run.spec,
+            parallel.to_host(params),
+            test_windows,
+            run.prepared.raw.test.unit_labels if test_windows is not None else (),
+            run.prepared.scaler.features,
+            explain_windows=test_windows if test_windows is not None else run.prepared.val,
+        )
+    except Exception as err:  # never lose a finished run to a plot
+        log.warning("plots not written: %s: %s", type(err).__name__, err)
+        return []
+    log.info("plots written: %s", ", ".join(files) if files else "none (nothing to plot)")
+    return files
 
 
 def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) -> dict[str, Any]:
     """`--mode=eval`: the best parameters of the latest complete checkpoint (this run's store, or
-    `checkpoint.resume_from`) scored on the validation and test units; writes report.json."""
+    `checkpoint.resume_from`) scored on the validation and test units; writes report.json and
+    plots/."""
     run = build(config, workdir, data_dir)
     uri = checkpoint.resolve_uri(run.config.checkpoint.uri, workdir)
     own = None if surely_empty(uri) else checkpoint.CheckpointStore(uri, create=False)
@@ -392,17 +445,18 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
     if run.prepared.val is not None:
         val = evaluate(predict, params, run.prepared.val, run.mesh)
         report["val"] = {k: val[k] for k in ("rmse", "mae", "phm08", "count")}
-    report.update(test_report(predict, params, run.prepared, run.mesh) or {})
+    report.update(test_report(predict, params, run.prepared, run.mesh, run.spec.quantiles) or {})
     if run.primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
     log.info("eval: %s", json.dumps({k: report.get(k) for k in ("val", "test")}))
+    write_plots(run, workdir, report, best["params"])
     return report
 
 
 def train_and_evaluate(
     config: Any, workdir: str, data_dir: str | None = None, test: bool = True
 ) -> dict[str, Any]:
-    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/ and report.json."""
+    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/, report.json, plots/."""
     run = build(config, workdir, data_dir)
     config, layout, prepared, spec, graphdef, mesh = (
         run.config,
@@ -560,7 +614,9 @@ def train_and_evaluate(
     }
     log.info("process %d: params sha256 %s", jax.process_index(), report["params_sha256"])
     if test:
-        scored = test_report(predict, parallel.replicate(best["params"], mesh), prepared, mesh)
+        scored = test_report(
+            predict, parallel.replicate(best["params"], mesh), prepared, mesh, spec.quantiles
+        )
         if scored is not None:
             report.update(scored)
             writer.write(step, {f"test_{k}": v for k, v in report["test"].items()})
@@ -568,4 +624,5 @@ def train_and_evaluate(
     writer.close()
     if primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
+    write_plots(run, workdir, report, best["params"], test=test)
     return report

@@ -29,6 +29,7 @@ TINY_CNN = [
     "--config.train.log_every=1",
     "--config.train.eval_every=10",
     "--config.train.tensorboard=False",
+    "--config.train.plots=False",
 ]
 
 

@@ -28,6 +28,7 @@ TRAIN = [
     "--config.train.batch_size=64",
     "--config.train.eval_every=10",
     "--config.train.tensorboard=False",
+    "--config.train.plots=False",
 ]
 CNN = [
     "--config=configs/cnn_bilstm.py",

@@ -34,6 +34,7 @@ TINY = [
     "--config.train.eval_every=10",
     "--config.train.patience=0",
     "--config.train.tensorboard=False",
+    "--config.train.plots=False",
     "--config.checkpoint.every_steps=10",
 ]
 

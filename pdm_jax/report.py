@@ -1,0 +1,403 @@
+"""The run's plots: what a reader of report.json would otherwise reconstruct in their head.
+
+`write_plots` turns the report, `metrics.jsonl` and (optionally) per-step predictions and the
+TFT's interpretability outputs into PNGs under `<workdir>/plots/`, with fixed names so scripts
+and people find them:
+
+- `pred_vs_true.png`: each test unit's predicted vs true RUL (sorted by truth), p10-p90 band;
+- `error_hist.png`: the errors against the PHM08 penalty, late (costlier) side marked;
+- `trajectories.png`: RUL over the life of a few test units, truth vs prediction at every step;
+- `tft_explain.png`: the TFT's variable importance and mean attention over the window;
+- `curves.png`: training loss and validation RMSE by step.
+
+Figures are `matplotlib.figure.Figure`s drawn on an Agg canvas: no pyplot, so no global state,
+no display needed, and nothing here changes the backend of a notebook that imports it.
+`collect_trajectories` and `explain_tft` run the model for the two plots the report alone cannot
+draw; they run on one process, on host parameters, outside any mesh (no collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pdm_jax import metrics, models, steps
+from pdm_jax.data.pipeline import Windows, eval_batches
+from pdm_jax.models import layers
+
+log = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+PRED_VS_TRUE = "pred_vs_true.png"
+ERROR_HIST = "error_hist.png"
+TRAJECTORIES = "trajectories.png"
+TFT_EXPLAIN = "tft_explain.png"
+CURVES = "curves.png"
+DPI = 110
+SIZE = (8.0, 5.0)  # inches
+PLOT_BATCH = 256  # fixed batch of the plotting model runs (one compile)
+EXPLAIN_WINDOWS = 256  # windows averaged for the TFT's weights: plenty for a stable mean
+LATE = "#c0392b"  # late predictions (d > 0): the costlier side of the PHM08 score
+EARLY = "#2471a3"
+BAND_ALPHA = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """One unit's predictions at every time step (window end), with the capped truth."""
+
+    unit: Any  # the user's unit label
+    time: np.ndarray  # [T] cycles
+    true: np.ndarray  # [T] capped RUL (NaN where unknown)
+    pred: np.ndarray  # [T] point prediction
+    low: np.ndarray | None = None  # [T] p10 where the model has quantiles
+    high: np.ndarray | None = None  # [T] p90
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """The TFT's interpretability outputs, averaged over windows."""
+
+    features: tuple[str, ...]  # input names, in the model's input order
+    importance: np.ndarray  # [F] mean variable-selection weight per input
+    attention: np.ndarray  # [T, T] mean attention, query step x key step
+
+
+def _save(fig: Figure, path: str) -> None:
+    """Renders on an Agg canvas into a temp file, then renames: no half-written PNG."""
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=DPI)
+    os.replace(tmp, path)
+
+
+def _figure(size: tuple[float, float] = SIZE) -> Figure:
+    return Figure(figsize=size, dpi=DPI)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a crash is skipped, as training does."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def plot_pred_vs_true(report: Mapping[str, Any], path: str) -> None:
+    """Test units sorted by true RUL: how far each prediction sits from the truth, and whether
+    the p10-p90 band covers it."""
+    units = sorted(report["per_unit"], key=lambda u: u["true"])
+    x = np.arange(1, len(units) + 1)
+    true = np.array([u["true"] for u in units])
+    pred = np.array([u["pred"] for u in units])
+    fig = _figure()
+    ax = fig.add_subplot()
+    if all("p10" in u and "p90" in u for u in units):
+        low = np.array([u["p10"] for u in units])
+        high = np.array([u["p90"] for u in units])
+        ax.vlines(x, low, high, color=EARLY, alpha=0.35, linewidth=3, label="p10-p90 interval")
+    ax.plot(x, true, "-", color="black", linewidth=1.5, label="true RUL (capped)")
+    late = pred > true
+    ax.scatter(x[~late], pred[~late], s=14, color=EARLY, label="predicted (early)", zorder=3)
+    ax.scatter(x[late], pred[late], s=14, color=LATE, label="predicted (late)", zorder=3)
+    test = report.get("test", {})
+    title = f"{report.get('model', '')} predicted vs true RUL, {len(units)} test units"
+    scores = []
+    if "rmse" in test:
+        scores.append(f"RMSE {test['rmse']:.2f}")
+    if "phm08" in test:
+        scores.append(f"PHM08 {test['phm08']:.1f}")
+    if "coverage_p10_p90" in test:
+        scores.append(f"p10-p90 coverage {test['coverage_p10_p90']:.0%}")
+    ax.set_title(title.strip() + "\n" + ", ".join(scores), fontsize=10)
+    ax.set_xlabel("test unit, sorted by true RUL (rank)")
+    ax.set_ylabel("RUL (cycles)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_error_hist(report: Mapping[str, Any], path: str) -> None:
+    """Errors against the PHM08 penalty: the score punishes late predictions exponentially
+    harder, so where the histogram's mass sits matters more than its width alone."""
+    errors = np.array([u["error"] for u in report["per_unit"]], np.float64)
+    span = max(40.0, float(np.abs(errors).max()) if len(errors) else 0.0) * 1.05
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.axvspan(0, span, color=LATE, alpha=0.07, label="late (d > 0): costlier")
+    bins = np.linspace(-span, span, 41)
+    ax.hist(errors[errors <= 0], bins=bins, color=EARLY, alpha=0.8, label="early predictions")
+    ax.hist(errors[errors > 0], bins=bins, color=LATE, alpha=0.8, label="late predictions")
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_xlim(-span, span)
+    ax.set_xlabel("error d = predicted - true RUL (cycles)")
+    ax.set_ylabel("test units")
+    penalty_ax = ax.twinx()
+    d = np.linspace(-span, span, 400)
+    penalty_ax.plot(d, metrics.phm08_penalty(d), color="dimgray", linestyle="--", linewidth=1.5)
+    penalty_ax.set_ylabel("PHM08 penalty s(d)")
+    penalty_ax.set_yscale("log")
+    penalty_ax.set_ylim(bottom=1e-2)
+    # One legend for both axes.
+    handles, labels = ax.get_legend_handles_labels()
+    (curve,) = penalty_ax.get_lines()
+    handles.append(curve)
+    labels.append("s(d) = exp(-d/13)-1 (d<0), exp(d/10)-1 (d>=0)")
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
+    test = report.get("test", {})
+    late_share = float((errors > 0).mean()) if len(errors) else float("nan")
+    ax.set_title(
+        f"Test errors vs the PHM08 penalty (score {test.get('phm08', float('nan')):.1f}, "
+        f"{late_share:.0%} late)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_trajectories(trajectories: Sequence[Trajectory], path: str) -> None:
+    """RUL over each unit's life: whether the model tracks degradation, not only the last point."""
+    cols = 2 if len(trajectories) > 1 else 1
+    rows = math.ceil(len(trajectories) / cols)
+    fig = _figure((SIZE[0], max(SIZE[1], 2.6 * rows)))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, traj in zip(axes.flat, trajectories, strict=False):
+        if traj.low is not None and traj.high is not None:
+            ax.fill_between(
+                traj.time,
+                traj.low,
+                traj.high,
+                color=EARLY,
+                alpha=BAND_ALPHA,
+                linewidth=0,
+                label="p10-p90",
+            )
+        ax.plot(traj.time, traj.true, color="black", linewidth=1.5, label="true RUL (capped)")
+        ax.plot(traj.time, traj.pred, color=EARLY, linewidth=1.2, label="predicted")
+        ax.set_title(f"unit {traj.unit}", fontsize=9)
+        ax.set_xlabel("time (cycles)")
+        ax.set_ylabel("RUL (cycles)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(trajectories) :]:
+        ax.set_visible(False)
+    axes.flat[0].legend(loc="upper right", fontsize=7)
+    fig.suptitle("Test units over time: prediction at every window end", fontsize=10)
+    _save(fig, path)
+
+
+def plot_tft_explain(explanation: Explanation, path: str) -> None:
+    """Which inputs the TFT selects and which past steps it attends to."""
+    fig = _figure((SIZE[0] * 1.25, SIZE[1]))
+    bars, heat = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+    order = np.argsort(explanation.importance)
+    names = [explanation.features[i] for i in order]
+    bars.barh(names, explanation.importance[order], color=EARLY, label="mean selection weight")
+    bars.set_xlabel("mean variable-selection weight (share, sums to 1)")
+    bars.set_ylabel("input")
+    bars.set_title("Variable importance", fontsize=10)
+    bars.tick_params(axis="y", labelsize=7)
+    bars.legend(loc="lower right", fontsize=7)
+    t = explanation.attention.shape[0]
+    extent = (-t + 0.5, 0.5, 0.5, -t + 0.5)  # steps relative to the window's end (0 = now)
+    image = heat.imshow(explanation.attention, cmap="viridis", extent=extent, aspect="auto")
+    heat.set_xlabel("key step (cycles before the window's end)")
+    heat.set_ylabel("query step (cycles before the window's end)")
+    heat.set_title("Mean attention (heads and windows averaged)", fontsize=10)
+    fig.colorbar(image, ax=heat, label="attention weight")
+    _save(fig, path)
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str, best_step: int | None) -> None:
+    """Loss and validation RMSE by step: did training converge, overfit or stop early."""
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    val = [(r["step"], r["val_rmse"]) for r in records if "val_rmse" in r and "step" in r]
+    fig = _figure()
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    if loss:
+        top.plot(*zip(*loss, strict=True), color=EARLY, linewidth=1.2, label="training loss")
+        if min(v for _, v in loss) > 0:
+            top.set_yscale("log")
+    top.set_ylabel("loss (training objective)")
+    top.set_title("Training curves", fontsize=10)
+    if val:
+        bottom.plot(
+            *zip(*val, strict=True), color=LATE, marker="o", markersize=3, label="validation RMSE"
+        )
+    bottom.set_ylabel("RMSE (cycles)")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        if best_step:
+            ax.axvline(best_step, color="gray", linestyle=":", label=f"best step {best_step}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+    _save(fig, path)
+
+
+def write_plots(
+    workdir: str,
+    report: Mapping[str, Any],
+    per_step: Sequence[Trajectory] | None = None,
+    tft_explain: Explanation | None = None,
+) -> list[str]:
+    """Writes every plot the inputs allow into `<workdir>/plots/`; returns the paths written.
+
+    A plot whose inputs are missing (no test truth, no metrics, not a TFT) is skipped rather than
+    drawn empty, so a file's presence means it shows something.
+    """
+    out_dir = os.path.join(workdir, PLOTS_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    written: list[str] = []
+
+    def draw(name: str, plot: Callable[[str], None]) -> None:
+        path = os.path.join(out_dir, name)
+        plot(path)
+        written.append(path)
+
+    if report.get("per_unit"):
+        draw(PRED_VS_TRUE, lambda p: plot_pred_vs_true(report, p))
+        draw(ERROR_HIST, lambda p: plot_error_hist(report, p))
+    if per_step:
+        draw(TRAJECTORIES, lambda p: plot_trajectories(per_step, p))
+    if tft_explain is not None:
+        draw(TFT_EXPLAIN, lambda p: plot_tft_explain(tft_explain, p))
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    if any("loss" in r or "val_rmse" in r for r in records):
+        best = report.get("best_step")
+        draw(CURVES, lambda p: plot_curves(records, p, int(best) if best else None))
+    return written
+
+
+def model_outputs(graphdef: Any, spec: layers.ModelSpec) -> Callable[..., dict[str, jax.Array]]:
+    """(params, inputs) -> {"pred" [B, Q], "point" [B]}, plus the TFT's `variable_weights`
+    [B, T, V] and `attention` [B, H, T, T]: one jitted function (one compile) serves both the
+    trajectories and the TFT's explanation. Runs outside any mesh, on the plotting process."""
+    details = {"details": True} if spec.name == "tft" else {}
+
+    @jax.jit
+    def outputs(params: Any, inputs: dict[str, Any]) -> dict[str, jax.Array]:
+        out = models.apply(graphdef, params, inputs, **details)
+        result = {
+            "pred": out["pred"],
+            "point": layers.point_prediction(out["pred"], spec.quantiles),
+        }
+        if details:
+            result.update(variable_weights=out["variable_weights"], attention=out["attention"])
+        return result
+
+    return outputs
+
+
+def run_windows(outputs: Callable[..., Any], params: Any, windows: Windows) -> dict[str, Any]:
+    """Every output of `outputs` for every window, in order, plus the windows' `mask`; fixed
+    batches of PLOT_BATCH, so every call reuses one compiled shape."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in eval_batches(windows, PLOT_BATCH):
+        out = outputs(params, steps.as_arrays(steps.model_inputs(batch)))
+        valid = batch["valid"]
+        for key, value in {**out, "mask": batch["mask"]}.items():
+            parts.setdefault(key, []).append(np.asarray(value)[valid])
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def pick_units(windows: Windows, count: int = 4) -> np.ndarray:
+    """Unit codes spread over the range of final true RUL (near failure to far from it), so the
+    trajectories show the model at different stages; by unit order when the truth is unknown."""
+    backwards, first = np.unique(windows.row_unit[::-1], return_index=True)
+    units, last = backwards, len(windows.row_unit) - 1 - first  # each unit's last row
+    final = windows.targets[last]
+    order = np.argsort(np.where(np.isfinite(final), final, np.inf), kind="stable")
+    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    return units[order[picks]]
+
+
+def collect_trajectories(
+    outputs: Callable[..., Any],
+    params: Any,
+    windows: Windows,
+    quantiles: Sequence[float],
+    unit_labels: Sequence[Any],
+    count: int = 4,
+) -> list[Trajectory]:
+    """Predictions at every time step (one window ending at each row) of `count` units."""
+    if not len(windows.row_unit):
+        return []
+    chosen = pick_units(windows, count)
+    rows = np.concatenate([np.flatnonzero(windows.row_unit == u) for u in chosen])
+    out = run_windows(outputs, params, dataclasses.replace(windows, ends=rows))
+    band = metrics.interval_columns(quantiles)
+    result = []
+    for u in chosen:
+        sel = windows.row_unit[rows] == u
+        label = unit_labels[u]
+        result.append(
+            Trajectory(
+                unit=label.item() if hasattr(label, "item") else label,
+                time=windows.row_time[rows][sel],
+                true=windows.targets[rows][sel],
+                pred=out["point"][sel],
+                low=None if band is None else out["pred"][sel, band[0]],
+                high=None if band is None else out["pred"][sel, band[1]],
+            )
+        )
+    return result
+
+
+def explain_tft(
+    outputs: Callable[..., Any], params: Any, windows: Windows, feature_names: Sequence[str]
+) -> Explanation:
+    """Mean variable-selection weights (over unpadded steps) and mean attention (over heads and
+    windows) of the first EXPLAIN_WINDOWS windows; `outputs` from `model_outputs` of a TFT."""
+    ids = np.arange(min(len(windows), EXPLAIN_WINDOWS))
+    out = run_windows(outputs, params, dataclasses.replace(windows, ends=windows.ends[ids]))
+    weights = out["variable_weights"].astype(np.float64)  # [B, T, V]
+    mask = out["mask"].astype(np.float64)[..., None]  # [B, T, 1]
+    importance = (weights * mask).sum(axis=(0, 1)) / max(mask.sum(), 1.0)
+    attention = out["attention"].astype(np.float64).mean(axis=(0, 1))  # [T, T]
+    names = tuple(feature_names)[: len(importance)]
+    names += tuple(f"input {i}" for i in range(len(names), len(importance)))  # known inputs
+    return Explanation(features=names, importance=importance, attention=attention)
+
+
+def run_plots(
+    workdir: str,
+    report: Mapping[str, Any],
+    graphdef: Any,
+    spec: layers.ModelSpec,
+    params: Any,
+    windows: Windows | None,
+    unit_labels: Sequence[Any],
+    feature_names: Sequence[str],
+    explain_windows: Windows | None = None,
+) -> list[str]:
+    """Runs the model for the trajectory and TFT plots, then writes every plot.
+
+    `params` are host arrays. `windows` are the test units' (their rows are what count) or None
+    to skip the trajectories; `explain_windows` feed the TFT plot (default: `windows`).
+    """
+    outputs = model_outputs(graphdef, spec)
+    per_step = None
+    if windows is not None:
+        per_step = collect_trajectories(outputs, params, windows, spec.quantiles, unit_labels)
+    explanation = None
+    source = explain_windows if explain_windows is not None else windows
+    if spec.name == "tft" and source is not None and len(source):
+        explanation = explain_tft(outputs, params, source, feature_names)
+    return write_plots(workdir, report, per_step, explanation)

@@ -1,0 +1,177 @@
+"""The run's plots (pdm_jax/report.py) and the p10-p90 coverage in report.json."""
+
+import json
+import logging
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pdm_jax import metrics, report, train
+from tests.conftest import load_config, tiny_cnn_config
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_real_png(path) -> None:
+    """A PNG of a sensible size that shows something (not one flat colour)."""
+    with open(path, "rb") as handle:
+        assert handle.read(8) == PNG_SIGNATURE, path
+    with Image.open(path) as image:
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"))
+    assert width > 300 and height > 300, (path, image.size)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 20, (path, len(colours))
+
+
+def synthetic_report(quantiles: bool) -> dict:
+    rng = np.random.default_rng(0)
+    true = rng.uniform(5, 125, 40)
+    pred = true + rng.normal(0, 15, 40)
+    per_unit = []
+    for i, (t, p) in enumerate(zip(true, pred, strict=True)):
+        row = {"unit": i + 1, "true": float(t), "pred": float(p), "error": float(p - t)}
+        if quantiles:
+            row.update(p10=float(p - 20), p90=float(p + 20))
+        per_unit.append(row)
+    test = {**metrics.rul_metrics(pred, true)}
+    if quantiles:
+        test["coverage_p10_p90"] = 0.8
+    return {"model": "tft", "best_step": 40, "test": test, "per_unit": per_unit}
+
+
+def write_metrics(workdir) -> None:
+    lines = [{"step": s, "loss": 100.0 / s, "lr": 1e-3} for s in range(10, 110, 10)]
+    lines += [{"step": s, "val_rmse": 40.0 - s / 10, "val_mae": 30.0} for s in (20, 40, 60)]
+    lines.append({"step": 100, "test_rmse": 20.0})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def trajectories(band: bool) -> list[report.Trajectory]:
+    out = []
+    for unit, life in ((3, 80), (7, 150), (11, 200), (20, 60)):
+        time = np.arange(1.0, life + 1)
+        true = np.minimum(life - time + 10, 125.0)
+        pred = true + np.sin(time / 7) * 8
+        out.append(
+            report.Trajectory(
+                unit, time, true, pred, pred - 15 if band else None, pred + 15 if band else None
+            )
+        )
+    return out
+
+
+def test_write_plots_from_a_synthetic_report(tmp_path):
+    write_metrics(tmp_path)
+    rng = np.random.default_rng(1)
+    explanation = report.Explanation(
+        tuple(f"s_{i}" for i in range(14)),
+        rng.dirichlet(np.ones(14)),
+        np.tril(rng.uniform(size=(30, 30))),
+    )
+    files = report.write_plots(
+        str(tmp_path), synthetic_report(quantiles=True), trajectories(band=True), explanation
+    )
+    names = [p.rsplit("/", 1)[-1] for p in files]
+    assert names == [
+        "pred_vs_true.png",
+        "error_hist.png",
+        "trajectories.png",
+        "tft_explain.png",
+        "curves.png",
+    ]
+    for path in files:
+        assert path.startswith(str(tmp_path / "plots"))
+        assert_real_png(path)
+    assert not list((tmp_path / "plots").glob("*.tmp*"))
+
+
+def test_point_models_are_plotted_without_a_band(tmp_path):
+    # The two plots that draw a band where there is one: without quantiles they still draw.
+    report.plot_pred_vs_true(synthetic_report(quantiles=False), str(tmp_path / "a.png"))
+    report.plot_trajectories(trajectories(band=False), str(tmp_path / "b.png"))
+    assert_real_png(tmp_path / "a.png")
+    assert_real_png(tmp_path / "b.png")
+
+
+def test_write_plots_skips_what_it_has_no_inputs_for(tmp_path):
+    # --mode=train or data without test truth: no per-unit errors, no metrics yet.
+    assert report.write_plots(str(tmp_path), {"model": "cnn_bilstm"}) == []
+    write_metrics(tmp_path)
+    files = report.write_plots(str(tmp_path), {"model": "cnn_bilstm"})
+    assert [p.rsplit("/", 1)[-1] for p in files] == ["curves.png"]
+
+
+def test_interval_columns_and_coverage():
+    assert metrics.interval_columns((0.1, 0.5, 0.9)) == (0, 2)
+    assert metrics.interval_columns((0.9, 0.5, 0.1)) == (2, 0)
+    assert metrics.interval_columns((0.05, 0.5, 0.95)) is None
+    assert metrics.interval_columns(()) is None
+    low, high = np.array([0.0, 0.0, 5.0, 3.0]), np.array([10.0, 10.0, 6.0, 1.0])
+    assert metrics.interval_coverage(low, high, np.array([0.0, 10.0, 7.0, 2.0])) == 0.5
+    d = np.array([-13.0, 0.0, 10.0])
+    np.testing.assert_allclose(metrics.phm08_penalty(d), [np.e - 1, 0.0, np.e - 1])
+
+
+def test_a_plot_failure_never_loses_the_run(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setattr(report, "run_plots", broken)
+    config = load_config("cnn_bilstm")
+    prepared = types.SimpleNamespace(
+        test=None, val=None, scaler=types.SimpleNamespace(features=("s_2",))
+    )
+    run = types.SimpleNamespace(
+        primary=True, config=config, prepared=prepared, graphdef=None, spec=None
+    )
+    with caplog.at_level(logging.WARNING, logger="pdm_jax.train"):
+        assert train.write_plots(run, str(tmp_path), {}, params=None) == []
+    assert "plots not written: RuntimeError: no ink" in caplog.text
+    config.train.plots = False  # off: nothing is attempted
+    caplog.clear()
+    assert train.write_plots(run, str(tmp_path), {}, params=None) == []
+    assert "plots not written" not in caplog.text
+
+
+def tiny_run(cfg, steps: int = 4):
+    cfg.train.num_steps = steps
+    cfg.train.batch_size = 32
+    cfg.train.eval_every = 2
+    cfg.train.log_every = 1
+    cfg.train.warmup_steps = 1
+    cfg.train.tensorboard = False
+    cfg.data.window = 10
+    return cfg
+
+
+def test_training_writes_the_plots(tmp_path):
+    cfg = tiny_run(tiny_cnn_config())
+    result = train.train_and_evaluate(cfg, str(tmp_path))
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["curves.png", "error_hist.png", "pred_vs_true.png", "trajectories.png"]
+    for name in plots:
+        assert_real_png(tmp_path / "plots" / name)
+    # A point model has no interval: no coverage, no per-unit p10/p90.
+    assert "coverage_p10_p90" not in result["test"]
+    assert "p10" not in result["per_unit"][0]
+
+
+def test_tft_run_reports_coverage_and_explains_itself(tmp_path):
+    cfg = tiny_run(load_config("tft"))
+    cfg.data.val_fraction = 0.0  # no validation: one predict compile fewer (the CNN run has it)
+    cfg.model.tft.hidden = 8
+    cfg.model.tft.heads = 2
+    cfg.model.tft.var_hidden = 4
+    train.train_and_evaluate(cfg, str(tmp_path))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    coverage = saved["test"]["coverage_p10_p90"]
+    units = saved["per_unit"]
+    inside = [u["p10"] <= u["true"] <= u["p90"] for u in units]
+    assert coverage == pytest.approx(np.mean(inside)) and 0.0 <= coverage <= 1.0
+    assert all(set(u) == {"unit", "true", "pred", "error", "p10", "p90"} for u in units)
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "tft_explain.png" in plots and "trajectories.png" in plots
+    assert_real_png(tmp_path / "plots" / "tft_explain.png")
