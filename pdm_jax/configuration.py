@@ -54,6 +54,12 @@ def validate(config: Any) -> None:
         config.model.get("target_scale"),
     )
     _require(
+        isinstance(config.model.get("target_offset", 0.0), float | int),
+        "model.target_offset",
+        "a number",
+        config.model.get("target_offset"),
+    )
+    _require(
         config.model.get("point_loss", "mse") in ("mse", "huber"),
         "model.point_loss",
         "'mse' or 'huber'",

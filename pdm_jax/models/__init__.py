@@ -50,8 +50,9 @@ def apply(
     """Runs the model on `inputs`; `key` enables dropout (training), None is evaluation."""
     model = nnx.merge(graphdef, params)
     out = model(inputs, key=key, **kwargs)
-    if model.spec.target_scale != 1.0:
-        out = {**out, "pred": out["pred"] * model.spec.target_scale}
+    scale, offset = model.spec.target_scale, model.spec.target_offset
+    if scale != 1.0 or offset != 0.0:
+        out = {**out, "pred": out["pred"] * scale + offset}
     return out
 
 

@@ -51,6 +51,8 @@ class ModelSpec:
     # from a zero-mean init, reaching RUL ~75 by Adam's ~lr-sized steps would take ~10^4 steps
     # (the long loss plateau C-MAPSS models are known for).
     target_scale: float = 1.0
+    # ... plus this: the head then starts near the middle of the RUL range instead of at 0.
+    target_offset: float = 0.0
     point_loss: str = "mse"  # point heads: 'mse' | 'huber'
     huber_delta: float = 10.0  # cycles
 
@@ -97,6 +99,7 @@ def spec_from_config(
         remat=() if model_cfg.get("remat", ()) == "auto" else tuple(model_cfg.get("remat", ())),
         remat_policy=policy,
         target_scale=float(model_cfg.get("target_scale", 1.0) or 1.0),
+        target_offset=float(model_cfg.get("target_offset", 0.0)),
         point_loss=str(model_cfg.get("point_loss", "mse")),
         huber_delta=float(model_cfg.get("huber_delta", 10.0)),
         hparams=tuple(
