@@ -28,6 +28,8 @@ TINY_SETS = [
     "train.eval_every=3",
     "checkpoint.every_steps=3",
     "train.batch_size=32",
+    "train.tensorboard=False",
+    "train.plots=False",
 ]
 TINY_PLAN = textwrap.dedent(
     """
