@@ -2,15 +2,15 @@
 
     python scripts/benchmark.py --model=tft --batch=256 --steps=200 [--dtype=float32|bfloat16]
         [--remat] [--what=train,infer,data,memory,checkpoint] [--infer_batch=1024]
-        [--checkpoint_uri=DIR_OR_URI,...] [--storage_emulators] [--save_every=100]
+        [--storage=local,s3,gs,az] [--checkpoint_uri=URI,...] [--save_every=100]
 
 `checkpoint`: for the model's full training state (params, AdamW state, best params), how long
 `CheckpointStore.save()` blocks the loop, how long the whole async save takes, how long a restore
 takes, and the overhead on training: `--save_every` train steps with one save started at their
-start (finished before the clock stops) against the same steps without. URIs come from
-`--checkpoint_uri` (comma-separated; credentials from the usual environment), default a temporary
-local directory; `--storage_emulators` (a repository checkout) adds s3://, gs:// and az:// on the
-test suite's local servers (moto, gcp-storage-emulator, Azurite).
+start (finished before the clock stops) against the same steps without. `--storage` picks the
+backends: `local` (a temporary directory) and `s3`, `gs`, `az` on the test suite's local servers
+(moto, gcp-storage-emulator, Azurite; needs a repository checkout); `--checkpoint_uri` adds real
+stores (comma-separated; credentials from the usual environment chains).
 
 Runs on C-MAPSS FD001 windows (embedded). JSON on stdout, progress on stderr. Speeds are medians
 over steady-state steps (compile and warm-up excluded, `block_until_ready` on every step). Run it
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--remat", action="store_true", help="rematerialise every block")
     parser.add_argument("--what", default="train,infer,data")
-    parser.add_argument("--checkpoint_uri", default="", help="comma-separated; default: temp dir")
-    parser.add_argument("--storage_emulators", action="store_true")
+    parser.add_argument("--storage", default="local", help="comma-separated: local,s3,gs,az")
+    parser.add_argument("--checkpoint_uri", default="", help="comma-separated extra stores")
     parser.add_argument("--save_every", type=int, default=100)
     parser.add_argument("--saves", type=int, default=3, help="saves timed per URI")
     parser.add_argument(

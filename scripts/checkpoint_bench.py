@@ -20,18 +20,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+BACKENDS = ("local", "s3", "gs", "az")
+
+
 @contextlib.contextmanager
-def _emulators(root: Path) -> Iterator[list[str]]:
-    """Starts moto (S3), gcp-storage-emulator and Azurite on 127.0.0.1, sets their clients'
-    standard variables, and yields one fresh bucket URI on each."""
+def _emulators(root: Path, schemes: list[str]) -> Iterator[list[str]]:
+    """Starts the test suite's server for each of `schemes` (moto for s3, gcp-storage-emulator
+    for gs, Azurite for az) on 127.0.0.1, sets their clients' standard variables, and yields one
+    fresh bucket URI on each."""
     sys.path.insert(0, str(REPO))
     from tests import servers
 
-    started = [
-        servers.MotoS3Server(root / "s3"),
-        servers.GcsEmulatorServer(root / "gcs"),
-        servers.AzuriteServer(root / "az", servers.ensure_azurite(servers.node_prefix())),
-    ]
+    make = {
+        "s3": lambda: servers.MotoS3Server(root / "s3"),
+        "gs": lambda: servers.GcsEmulatorServer(root / "gcs"),
+        "az": lambda: servers.AzuriteServer(
+            root / "az", servers.ensure_azurite(servers.node_prefix())
+        ),
+    }
+    started = [make[scheme]() for scheme in schemes]
     with contextlib.ExitStack() as stack:
         for server in started:
             server.start()
@@ -87,9 +94,16 @@ def run(
     for i in range(3):
         jax.block_until_ready(step(i))  # warm
     with tempfile.TemporaryDirectory(prefix="pdm-ckpt-bench-") as tmp, contextlib.ExitStack() as st:
-        uris = [u for u in args.checkpoint_uri.split(",") if u] or [str(Path(tmp) / "local")]
-        if args.storage_emulators:
-            uris += st.enter_context(_emulators(Path(tmp) / "servers"))
+        storage = [b for b in args.storage.split(",") if b]
+        unknown = sorted(set(storage) - set(BACKENDS))
+        if unknown:
+            raise SystemExit(f"error: --storage: unknown {unknown}; expected some of {BACKENDS}")
+        uris = [u for u in args.checkpoint_uri.split(",") if u]
+        if "local" in storage:
+            uris.insert(0, str(Path(tmp) / "local"))
+        remote = [b for b in storage if b != "local"]
+        if remote:
+            uris += st.enter_context(_emulators(Path(tmp) / "servers", remote))
         log(f"checkpoint: baseline, {args.save_every} train steps without saves")
         baseline = [_train_seconds(step, args.save_every, None)]
         for uri in uris:
