@@ -17,7 +17,10 @@ def test_benchmark_smoke_prints_every_measurement():
             "--steps=3",
             "--warmup=1",
             "--infer_batch=64",
-            "--what=train,infer,data,memory",
+            "--what=train,infer,data,memory,checkpoint",
+            "--storage=local",
+            "--save_every=3",
+            "--saves=1",
         ],
         cwd=REPO,
         capture_output=True,
@@ -26,7 +29,7 @@ def test_benchmark_smoke_prints_every_measurement():
     )
     assert proc.returncode == 0, proc.stderr
     records = {r["what"]: r for r in map(json.loads, proc.stdout.strip().splitlines())}
-    assert set(records) == {"train", "infer", "data", "memory"}
+    assert set(records) == {"train", "infer", "data", "memory", "checkpoint"}
     common = {
         "model",
         "params",
@@ -53,3 +56,8 @@ def test_benchmark_smoke_prints_every_measurement():
     assert records["infer"]["infer_windows_per_s"] > 0
     assert records["data"]["data_windows_per_s"] > 0
     assert records["memory"]["temp_bytes"] > 0 and records["memory"]["temp_bytes_remat"] > 0
+    saved = records["checkpoint"]
+    assert saved["backend"] == "file" and saved["save_every"] == 3
+    assert 0 < saved["save_blocking_s_p50"] <= saved["save_total_s_p50"]
+    assert saved["restore_s_p50"] > 0 and saved["state_mib"] > 0
+    assert {"train_s_without_saves", "train_s_with_one_save", "overhead_pct"} <= set(saved)
