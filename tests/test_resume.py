@@ -6,12 +6,15 @@ same layout, and on a different device count continue with the same losses to fl
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
+import fsspec
 import jax
 import numpy as np
 import pytest
@@ -170,10 +173,32 @@ def test_store_round_trip_is_bitwise(tmp_path):
 
 
 @pytest.fixture(params=sorted(REMOTE))
-def bucket(request) -> str:
+def bucket(request, monkeypatch) -> str:
     """A fresh `<scheme>://bucket/run` on a real server, its client variables in os.environ
-    (which the training subprocesses inherit, as a user's shell would pass them)."""
-    return request.getfixturevalue(REMOTE[request.param]).make_bucket() + "/run"
+    (which the training subprocesses inherit, as a user's shell would pass them); the S3 secret
+    is made unique so the test can look for it (moto takes any)."""
+    server = request.getfixturevalue(REMOTE[request.param])
+    if request.param == "s3":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"pdm-secret-{uuid.uuid4().hex}")
+    return server.make_bucket() + "/run"
+
+
+def _secrets() -> list[str]:
+    """The credentials in the environment that must never be written anywhere."""
+    found = [os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
+    for part in os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "").split(";"):
+        if part.startswith("AccountKey="):
+            found.append(part.removeprefix("AccountKey="))
+    return [s for s in found if len(s) > 8]
+
+
+def _stored_bytes(uri: str) -> bytes:
+    """Every object under `uri`, read by a client of its own."""
+    from tests.servers import clear_client_caches  # imported by pytest_plugins, rewritten
+
+    clear_client_caches()
+    fs = fsspec.filesystem(uri.split("://", 1)[0], skip_instance_cache=True)
+    return b"".join(fs.cat_file(path) for path in fs.find(uri.split("://", 1)[1]))
 
 
 def test_sigkill_with_checkpoints_on_object_storage_then_rerun_ends_bit_identical(
@@ -184,15 +209,28 @@ def test_sigkill_with_checkpoints_on_object_storage_then_rerun_ends_bit_identica
     proc = _start(tmp_path, extra=extra)
     _wait_for_step(proc, tmp_path, 25)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    killed_out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     with checkpoint.CheckpointStore(bucket) as store:
         resumed_at = max(store.all_steps())
     assert 10 <= resumed_at < STEPS
-    report = _run(tmp_path, extra=extra)
+    proc = _start(tmp_path, extra=extra)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["resumed_from_step"] == resumed_at
     assert report["params_sha256"] == ref_report["params_sha256"]
     assert _losses(tmp_path) == ref_losses
+    # Credentials reach neither the logs, nor the run directory, nor the checkpoints.
+    written = killed_out + out
+    for path in tmp_path.rglob("*.json*"):
+        written += path.read_text()
+    stored = _stored_bytes(bucket)
+    assert b'"format_version"' in stored  # the reader sees the checkpoints' metadata
+    secrets = _secrets()
+    assert len(secrets) == {"s3": 1, "gs": 0, "az": 1}[bucket.split("://")[0]]
+    for secret in secrets:
+        assert secret not in written and secret.encode() not in stored
 
 
 def test_on_s3_sigterm_saves_a_bad_config_is_refused_and_eight_devices_continue(
