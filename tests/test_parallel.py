@@ -92,8 +92,12 @@ def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
         _main(
             [
                 *TINY_CNN,
-                "--config.train.num_steps=4",
+                "--config.train.num_steps=12",
                 "--config.train.eval_every=2",
+                # Only time-based saves, due at every step: the processes must agree on them
+                # (every SYNC_EVERY steps) or one would enter a save the other never joins.
+                "--config.checkpoint.every_steps=0",
+                "--config.checkpoint.every_minutes=1e-6",
                 # One run directory and checkpoint store for both, as on a shared filesystem.
                 f"--workdir={tmp_path / 'run'}",
                 f"--config.distributed.coordinator=127.0.0.1:{port}",
@@ -112,8 +116,9 @@ def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["layout"]["processes"] == 2 and report["layout"]["mesh"] == [4, 1]
     assert report["params_sha256"] == digests[0][-1]
-    assert len(_losses(tmp_path / "run")) == 4
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]  # every 2nd evaluation
+    assert len(_losses(tmp_path / "run")) == 12
+    # Time-based saves at the agreed steps (train.SYNC_EVERY), then the final one.
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["10", "12"]
 
 
 def _tiny_setup():
