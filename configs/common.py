@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.condition_scaling = "auto"  # per-operating-condition scaling: 'auto' | True | False
     data.val_fraction = 0.2  # share of training units held out (by unit) for validation
     data.window = 30
+    # Shortest history (cycles) a training/validation window may have (capped at the window):
+    # shorter ones are left-padded and masked, like test units shorter than the window, so the
+    # model learns such inputs. 0: full windows only.
+    data.min_history = 0
     data.stride = 1
     data.num_threads = auto()  # grain prefetch threads; 'auto': 1 on CPU (in memory, GIL-bound)
     data.prefetch = 4  # batches prefetched ahead of the training step

@@ -97,6 +97,13 @@ def validate(config: Any) -> None:
             data.columns.rul,
         )
     _require(_is_int(data.window) and data.window > 0, "data.window", "an integer > 0", data.window)
+    shortest = data.get("min_history", 0)
+    _require(
+        _is_int(shortest) and shortest >= 0,
+        "data.min_history",
+        "an integer >= 0 (0: full windows only)",
+        shortest,
+    )
     _require(_is_int(data.stride) and data.stride > 0, "data.stride", "an integer > 0", data.stride)
     _require(
         data.rul_cap is None or data.rul_cap >= 0,

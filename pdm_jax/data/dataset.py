@@ -83,6 +83,7 @@ def make_windows(
     window: int,
     stride: int = 1,
     mode: str = "train",
+    min_history: int | None = None,
 ) -> Windows:
     starts, stops = table.unit_bounds()
     lengths = stops - starts
@@ -93,7 +94,7 @@ def make_windows(
         row_unit=table.frame[UNIT].to_numpy(np.int32),
         row_dataset=table.frame[DATASET].to_numpy(np.int32),
         row_time=table.frame[TIME].to_numpy(np.float64),
-        ends=window_ends(starts, stops, window, stride, mode),
+        ends=window_ends(starts, stops, window, stride, mode, min_history),
         window=window,
     )
 
@@ -127,10 +128,12 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
     feats = feature_columns(raw.train, bool(data_cfg.get("use_settings", False)))
     scaler = features.fit_scaler(train_table, feats, data_cfg.condition_scaling)
     window, stride, cap = data_cfg.window, data_cfg.stride, data_cfg.rul_cap
-    train = make_windows(train_table, scaler, cap, window, stride, "train")
+    shortest = data_cfg.get("min_history", 0) or window
+    train = make_windows(train_table, scaler, cap, window, stride, "train", shortest)
     val = None
     if len(val_codes):
-        val = make_windows(raw.train.select_units(val_codes), scaler, cap, window, 1, "train")
+        val_table = raw.train.select_units(val_codes)
+        val = make_windows(val_table, scaler, cap, window, 1, "train", shortest)
     test = None
     if raw.test is not None:
         test = make_windows(raw.test, scaler, cap, window, 1, "last")

@@ -69,12 +69,20 @@ class Windows:
 
 
 def window_ends(
-    unit_starts: np.ndarray, unit_stops: np.ndarray, window: int, stride: int, mode: str
+    unit_starts: np.ndarray,
+    unit_stops: np.ndarray,
+    window: int,
+    stride: int,
+    mode: str,
+    min_history: int | None = None,
 ) -> np.ndarray:
     """Row index of each window's last step.
 
-    mode 'train': every `stride`-th full window of each unit, counted back from its last row so
-    the failure always appears; a unit shorter than the window gives one padded window.
+    mode 'train': every `stride`-th window of each unit with at least `min_history` rows of
+    history (default: a full window), counted back from its last row so the failure always
+    appears; shorter histories than the window are left-padded and masked, as test units shorter
+    than the window are, so the model has seen such inputs; a unit shorter than `min_history`
+    gives one padded window.
     mode 'last': each unit's last row (the evaluation point of a test unit).
     mode 'all': every row (a prediction per time step; early ones padded).
     """
@@ -88,8 +96,9 @@ def window_ends(
         return np.arange(starts[0] if len(starts) else 0, stops[-1] if len(stops) else 0)
     if mode != "train":
         raise ValueError(f"unknown window mode {mode!r}")
+    shortest = window if min_history is None else max(1, min(int(min_history), window))
     lengths = stops - starts
-    counts = np.where(lengths >= window, (lengths - window) // stride + 1, 1)
+    counts = np.where(lengths >= shortest, (lengths - shortest) // stride + 1, 1)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     back = (np.arange(counts.sum()) - first) * stride
     ends = np.repeat(stops - 1, counts) - back

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from pdm_jax import configuration
 from pdm_jax.data import cmapss, dataset
 from pdm_jax.data.pipeline import BatchOrder, TrainIterator, eval_batches, window_ends
 from pdm_jax.errors import ConfigError, DataError
@@ -88,6 +89,33 @@ def test_window_ends_stride_keeps_failure_row():
     assert ends.tolist() == [3, 6, 9, 12]
     with pytest.raises(ConfigError):
         window_ends(np.array([0]), np.array([5]), window=0, stride=1, mode="train")
+
+
+def test_min_history_adds_left_padded_windows_of_short_histories():
+    starts, stops = np.array([0, 10]), np.array([10, 13])
+    ends = window_ends(starts, stops, window=4, stride=1, mode="train", min_history=2)
+    # unit 0: histories of 2..10 rows end at rows 1..9; unit 1 (3 rows): ends at 11, 12
+    assert ends.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
+    capped = window_ends(starts, stops, window=4, stride=1, mode="train", min_history=9)
+    assert capped.tolist() == window_ends(starts, stops, 4, 1, "train").tolist()
+    cfg = _cfg()
+    full = dataset.prepare(cfg.data, 0)
+    cfg.data.min_history = 10
+    short = dataset.prepare(cfg.data, 0)
+    units = len(full.train_units)
+    assert len(short.train) == len(full.train) + units * (30 - 10)
+    assert len(short.val) == len(full.val) + len(full.val_units) * (30 - 10)
+    batch = short.train.gather(np.arange(len(short.train)))
+    valid = batch["mask"].sum(axis=1)
+    assert valid.min() == 10 and (valid < 30).sum() == units * 20
+    assert (batch["x"][~batch["mask"]] == 0).all()
+
+
+def test_min_history_is_checked():
+    cfg = _cfg()
+    cfg.data.min_history = -1
+    with pytest.raises(ConfigError, match=r"config\.data\.min_history: expected an integer >= 0"):
+        configuration.validate(cfg)
 
 
 def test_same_seed_same_batches_different_seed_differs():
