@@ -85,6 +85,17 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int) -> None:
     pytest.fail("timed out waiting for the run")
 
 
+def _interrupt(workdir, at_step: int, sig: signal.Signals, extra=()) -> str:
+    """Starts a run, sends `sig` once it has logged `at_step`, waits for the exit: its output.
+    SIGKILL must kill it; a stop signal must end it with exit code 0 after its save."""
+    proc = _start(workdir, extra=extra)
+    _wait_for_step(proc, workdir, at_step)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), out[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference_workdir(tmp_path_factory):
     """One uninterrupted run of STEPS steps (read-only for the tests: copy it to change it)."""
@@ -100,11 +111,7 @@ def reference(reference_workdir):
 
 def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, reference):
     ref_report, ref_losses = reference
-    proc = _start(tmp_path)
-    _wait_for_step(proc, tmp_path, 25)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    _interrupt(tmp_path, 25, signal.SIGKILL)
     resumed_at = max(checkpoint.CheckpointStore(str(tmp_path / "checkpoints")).all_steps())
     assert 10 <= resumed_at < STEPS  # the step-20 save may still have been in flight
     report = _run(tmp_path)
@@ -119,11 +126,7 @@ def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, reference):
 
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, reference):
     ref_report, _ = reference
-    proc = _start(tmp_path)
-    _wait_for_step(proc, tmp_path, 15)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    out = _interrupt(tmp_path, 15, signal.SIGTERM)
     logged = max(
         json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()
     )
@@ -206,11 +209,7 @@ def test_sigkill_with_checkpoints_on_object_storage_then_rerun_ends_bit_identica
 ):
     ref_report, ref_losses = reference
     extra = [f"--config.checkpoint.uri={bucket}"]
-    proc = _start(tmp_path, extra=extra)
-    _wait_for_step(proc, tmp_path, 25)
-    proc.send_signal(signal.SIGKILL)
-    killed_out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    killed_out = _interrupt(tmp_path, 25, signal.SIGKILL, extra)
     with checkpoint.CheckpointStore(bucket) as store:
         resumed_at = max(store.all_steps())
     assert 10 <= resumed_at < STEPS
@@ -241,11 +240,7 @@ def test_on_s3_sigterm_saves_a_bad_config_is_refused_and_eight_devices_continue(
     device count continues the same run."""
     _, ref_losses = reference
     extra = [f"--config.checkpoint.uri={s3_env.make_bucket()}/run"]
-    proc = _start(tmp_path, extra=extra)
-    _wait_for_step(proc, tmp_path, 15)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    out = _interrupt(tmp_path, 15, signal.SIGTERM, extra)
     logged = max(
         json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()
     )
