@@ -461,10 +461,11 @@ def test_activation_estimate_scales_with_window_width_dtype_and_remat():
     assert estimate(tft, FP32, remat=True) == 800_000
     assert estimate(make_config("tft", data__window=60), FP32, remat=False) == 3_200_000
     assert estimate(make_config("tft", model__tft__hidden=128), FP32, remat=False) == 3_200_000
-    assert estimate(make_config("cnn_bilstm"), FP32, remat=False) == 150_000
-    wide = make_config("cnn_bilstm", model__cnn_bilstm__channels=(128, 64))
+    assert estimate(make_config("cnn_bilstm"), FP32, remat=False) == 250_000  # window 50
+    assert estimate(make_config("cnn_bilstm", data__window=30), FP32, remat=False) == 150_000
+    wide = make_config("cnn_bilstm", data__window=30, model__cnn_bilstm__channels=(128, 64))
     assert estimate(wide, FP32, remat=False) == 300_000
-    lstm = make_config("cnn_bilstm", model__cnn_bilstm__lstm_hidden=256)
+    lstm = make_config("cnn_bilstm", data__window=30, model__cnn_bilstm__lstm_hidden=256)
     assert estimate(lstm, BF16, remat=True) == 180_000
 
 
