@@ -19,7 +19,6 @@ draw; they run on one process, on host parameters, outside any mesh (no collecti
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pdm_jax import metrics, models, steps
+from pdm_jax import metrics, models, steps, summaries
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.models import layers
 
@@ -84,20 +83,6 @@ def _save(fig: Figure, path: str) -> None:
 
 def _figure(size: tuple[float, float] = SIZE) -> Figure:
     return Figure(figsize=size, dpi=DPI)
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a crash is skipped, as training does."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def plot_pred_vs_true(report: Mapping[str, Any], path: str) -> None:
@@ -278,7 +263,7 @@ def write_plots(
         draw(TRAJECTORIES, lambda p: plot_trajectories(per_step, p))
     if tft_explain is not None:
         draw(TFT_EXPLAIN, lambda p: plot_tft_explain(tft_explain, p))
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = summaries.read_metrics(os.path.join(workdir, summaries.METRICS_FILE))
     if any("loss" in r or "val_rmse" in r for r in records):
         best = report.get("best_step")
         draw(CURVES, lambda p: plot_curves(records, p, int(best) if best else None))

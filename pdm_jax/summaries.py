@@ -7,6 +7,7 @@ the others hold a writer that does nothing, so call sites need no rank checks.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,20 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, [] without the file; a line cut short by a crash is skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def _tag(name: str) -> str:

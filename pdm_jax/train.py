@@ -44,7 +44,7 @@ from pdm_jax.data.pipeline import Windows, eval_batches, host_share
 from pdm_jax.errors import ConfigError, DataError
 from pdm_jax.models import layers
 from pdm_jax.progress import Progress
-from pdm_jax.summaries import MetricWriter
+from pdm_jax.summaries import MetricWriter, read_metrics
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1024
@@ -252,13 +252,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
     """Drops records after `last_step` (a resumed run rewrites them) or all for a fresh run."""
     if not os.path.exists(path):
         return
-    records = []
-    with open(path) as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
+    records = read_metrics(path)
     # The end-of-run test record is rewritten by the run that finishes.
     keep = [
         json.dumps(r) + "\n"
