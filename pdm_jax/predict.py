@@ -13,12 +13,11 @@ function, sharded over every local device: the same code serves a laptop CPU and
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +25,8 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from pdm_jax import checkpoint, models, parallel, steps, train
-from pdm_jax.data import cmapss, dataset, features, validate
+from pdm_jax import checkpoint, models, parallel, steps, tablewriter, train
+from pdm_jax.data import chunked, cmapss, dataset, features, validate
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RunTable
 from pdm_jax.errors import ConfigError, DataError
@@ -37,7 +36,6 @@ from pdm_jax.progress import Progress
 log = logging.getLogger(__name__)
 
 STEP_CHOICES = ("best", "latest")
-OUTPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 DEFAULT_BATCH = 1024
 
 
@@ -307,54 +305,71 @@ def load(
 
 
 @dataclasses.dataclass(frozen=True)
-class Input:
-    """One validated input file as a run table, plus how to name its units and times back."""
+class Source:
+    """One input file whose columns were checked against the checkpoint's, before any work."""
 
     path: str
+    kind: str  # chunked.KINDS
+    layout: Columns
+
+    @property
+    def name(self) -> str:
+        return validate.display_name(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """Whole units of one input as a run table, plus how to name their units and times back."""
+
+    source: Source
     table: RunTable
     times: np.ndarray  # [rows] the time column as the user wrote it (int when whole)
 
 
-def _is_whitespace_text(path: str) -> bool:
-    """C-MAPSS text (`test_FD001.txt[.gz]`) rather than a CSV that happens to end in .txt."""
-    lower = path.lower()
-    if not lower.endswith((".txt", ".txt.gz")):
-        return False
-    opener = gzip.open if lower.endswith(".gz") else open
-    with opener(path, "rt", encoding="ascii", errors="replace") as handle:
-        first = handle.readline()
-    return "," not in first
-
-
-def read_input(path: str | os.PathLike, columns: Columns, nan_policy: str = "error") -> Input:
-    """Reads and checks one input file against the columns the checkpoint's model reads."""
+def open_source(path: str | os.PathLike, columns: Columns) -> Source:
+    """Checks a file's columns (its header only) against those the checkpoint's model reads."""
     path = os.fspath(path)
     validate.require_file(path, "input file")
-    name = validate.display_name(path)
-    if _is_whitespace_text(path):
-        frame = cmapss.read_history(path)
+    kind = chunked.kind_of(path)
+    layout = columns
+    if kind == "text":
         layout = Columns(
             "unit", "cycle", columns.settings, columns.features, frozenset(cmapss.COLUMNS)
         )
-    else:
-        frame = validate.read_user_file(path)
-        layout = columns
-    present = [str(c) for c in frame.columns]
+    source = Source(path, kind, layout)
+    present = chunked.header(path, kind, cmapss.COLUMNS)
     missing = [c for c in layout.required if c not in present]
     if missing:
         raise DataError(
-            f"{name}: missing column(s) {', '.join(map(repr, missing))} that the checkpoint's "
-            f"model reads (unit {layout.unit!r}, time {layout.time!r}, "
+            f"{source.name}: missing column(s) {', '.join(map(repr, missing))} that the "
+            f"checkpoint's model reads (unit {layout.unit!r}, time {layout.time!r}, "
             f"{len(layout.settings)} setting(s), {len(layout.features)} feature(s))"
         )
     extra = [c for c in present if c not in layout.known]
     if extra:
         log.warning(
             "%s: ignoring %d column(s) the model does not read: %s",
-            name,
+            source.name,
             len(extra),
             ", ".join(map(repr, extra)),
         )
+    return source
+
+
+def read_chunks(
+    source: Source, nan_policy: str = "error", chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS
+) -> Iterator[Input]:
+    """The file's units, about `chunk_rows` rows at a time, each chunk checked as it is read."""
+    for frame in chunked.unit_chunks(
+        source.path, source.kind, source.layout.unit, chunk_rows, cmapss.COLUMNS
+    ):
+        yield _to_input(frame, source, nan_policy)
+
+
+def _to_input(frame: pd.DataFrame, source: Source, nan_policy: str) -> Input:
+    layout, name = source.layout, source.name
+    if source.kind == "text":
+        cmapss.check_ids(frame, name)
     numeric = [layout.time, *dict.fromkeys((*layout.settings, *layout.features))]
     frame = validate.to_numeric(frame, numeric, name)
     validate.check_units_and_time(frame, name, layout.unit, layout.time)
@@ -383,7 +398,7 @@ def read_input(path: str | os.PathLike, columns: Columns, nan_policy: str = "err
         unit_dataset=np.zeros(len(labels), dtype=np.int32),
         name=name,
     )
-    return Input(path=path, table=table, times=raw_time.astype(np.int64) if whole else raw_time)
+    return Input(source, table, raw_time.astype(np.int64) if whole else raw_time)
 
 
 def _batch_size(requested: int, num_windows: int, devices: int) -> int:
@@ -431,100 +446,94 @@ def _predict_windows(
     return np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
 
 
-def predict_inputs(
+def iter_predictions(
     predictor: Predictor,
-    inputs: Sequence[Input],
+    sources: Sequence[Source],
     all_steps: bool = False,
     batch_size: int = DEFAULT_BATCH,
     show_progress: bool = True,
-) -> pd.DataFrame:
-    """Predictions for validated inputs: one row per unit (its last window), or per row."""
+    chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
+) -> Iterator[pd.DataFrame]:
+    """Prediction frames, one per chunk of whole units, in input order: one row per unit (its
+    last window), or per input row with `all_steps`. Memory follows `chunk_rows`, not the input.
+
+    One batch shape serves every chunk (one compile): the requested size, or the windows of a
+    single small input when that is fewer.
+    """
     mode = "all" if all_steps else "last"
     data = predictor.config.data
-    windows = [
-        dataset.make_windows(item.table, predictor.scaler, data.rul_cap, predictor.window, 1, mode)
-        for item in inputs
-    ]
-    for item in inputs:
-        starts, stops = item.table.unit_bounds()
-        short = int((stops - starts < predictor.window).sum())
-        if short:
-            log.warning(
-                "%s: %d unit(s) are shorter than the window (%d steps); their windows are "
-                "left-padded and masked",
-                item.table.name,
-                short,
-                predictor.window,
-            )
-    total = sum(len(w) for w in windows)
+    nan_policy = data.get("nan_policy", "error")
     devices = int(predictor.mesh.devices.size)
-    size = _batch_size(batch_size, max((len(w) for w in windows), default=0), devices)
+    total = None
+    if all_steps:  # a window per row: the rows are the total, for an ETA on long files
+        counts = [chunked.row_count(s.path, s.kind) for s in sources]
+        total = None if None in counts else sum(counts)
     progress = Progress(
         total, "windows", f"predicting {predictor.spec.name}", enabled=show_progress
     )
     warm: dict[str, float] = {}
-    frames = []
+    size = None if len(sources) == 1 else _batch_size(batch_size, batch_size, devices)
+    windows = files = 0
     try:
-        for item, win in zip(inputs, windows, strict=True):
-            values = _predict_windows(predictor, win, size, progress, warm)
-            frame = pd.DataFrame(
-                {
-                    "unit": item.table.unit_labels[win.row_unit[win.ends]],
-                    "time": item.times[win.ends],
-                    "rul_pred": values[:, -1],
-                }
-            )
-            for index, column in predictor.quantile_columns:
-                frame[column] = values[:, index]
-            if len(inputs) > 1:
-                frame.insert(0, "file", item.path)
-            frames.append(frame)
+        for source in sources:
+            short = 0
+            for item in read_chunks(source, nan_policy, chunk_rows):
+                win = dataset.make_windows(
+                    item.table, predictor.scaler, data.rul_cap, predictor.window, 1, mode
+                )
+                starts, stops = item.table.unit_bounds()
+                short += int((stops - starts < predictor.window).sum())
+                if size is None:
+                    size = _batch_size(batch_size, len(win), devices)
+                values = _predict_windows(predictor, win, size, progress, warm)
+                windows += len(win)
+                frame = pd.DataFrame(
+                    {
+                        "unit": item.table.unit_labels[win.row_unit[win.ends]],
+                        "time": item.times[win.ends],
+                        "rul_pred": values[:, -1],
+                    }
+                )
+                for index, column in predictor.quantile_columns:
+                    frame[column] = values[:, index]
+                if len(sources) > 1:
+                    frame.insert(0, "file", source.path)
+                yield frame
+            files += 1
+            if short:
+                log.warning(
+                    "%s: %d unit(s) are shorter than the window (%d steps); their windows are "
+                    "left-padded and masked",
+                    source.name,
+                    short,
+                    predictor.window,
+                )
     finally:
         progress.close()
     now = time.perf_counter()
-    after = total - int(warm.get("count", 0))
+    after = windows - int(warm.get("count", 0))
     steady = f", {after / (now - warm['time']):,.0f} windows/s after the first" if after else ""
     log.info(
         "predicted %d windows from %d file(s) in %.2fs%s (batch %d over %d device(s))",
-        total,
-        len(inputs),
+        windows,
+        files,
         now - progress.start,
         steady,
-        size,
+        size or 0,
         devices,
     )
-    return pd.concat(frames, ignore_index=True)
 
 
-def _output_format(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith((".parquet", ".pq")):
-        return "parquet"
-    if lower.endswith((".csv", ".csv.gz")):
-        return "csv"
-    raise ConfigError(
-        f"--output: {path}: unsupported extension (expected one of {', '.join(OUTPUT_SUFFIXES)})"
-    )
-
-
-def write_output(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Writes CSV or Parquet by extension; a reader never sees a partial file."""
-    path = os.fspath(path)
-    kind = _output_format(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ConfigError(f"--output: {path}: directory {directory} does not exist")
-    base = os.path.basename(path)
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
-    try:
-        if kind == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False, compression="gzip" if path.endswith(".gz") else None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _open_inputs(
+    checkpoint_uri: str, inputs: Sequence[str | os.PathLike], step: str | int, chunk_rows: int
+) -> tuple[Saved, list[Source]]:
+    """The checkpoint's description and every input's header, checked before any model loads."""
+    if not inputs:
+        raise ConfigError("--input: give at least one file to predict on")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"--chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
+    saved = read_saved(checkpoint_uri, step)
+    return saved, [open_source(path, saved.columns) for path in inputs]
 
 
 def predict_files(
@@ -537,24 +546,51 @@ def predict_files(
     dtype: str | None = None,
     show_progress: bool = True,
     devices: Sequence[Any] | None = None,
+    chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
 ) -> pd.DataFrame:
-    """RUL predictions for every unit of `inputs` from a checkpoint (store or run directory).
+    """RUL predictions for every unit of `inputs` from a checkpoint (store or run directory), as
+    one frame in memory; `predict_to_file` streams large inputs instead.
 
     Columns: `unit`, `time` (of the window's last observation), `rul_pred` (point or median) and
     `rul_pNN` per other model quantile; a leading `file` column when several inputs are given,
     since their unit ids may repeat. With `all_steps`, one row per input row. Writes `output`
-    (CSV or Parquet by extension) when given. Every input is checked before anything runs.
+    (CSV or Parquet by extension) when given. Every input's columns are checked before anything
+    runs; its rows are checked as they are read.
     """
-    if not inputs:
-        raise ConfigError("--input: give at least one file to predict on")
     if output is not None:
-        _output_format(os.fspath(output))  # refuse a bad extension before the work
-    saved = read_saved(checkpoint_uri, step)
-    nan_policy = saved.config.data.get("nan_policy", "error")
-    items = [read_input(path, saved.columns, nan_policy) for path in inputs]
+        tablewriter.table_format(output)  # refuse a bad extension before the work
+    saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
     predictor = load(saved, dtype=dtype, devices=devices)
-    frame = predict_inputs(predictor, items, all_steps, batch_size, show_progress)
+    frames = iter_predictions(predictor, sources, all_steps, batch_size, show_progress, chunk_rows)
+    frame = pd.concat(list(frames), ignore_index=True)
     if output is not None:
-        write_output(frame, output)
+        tablewriter.write_table(frame, output)
         log.info("wrote %d rows to %s", len(frame), os.fspath(output))
     return frame
+
+
+def predict_to_file(
+    checkpoint_uri: str,
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    step: str | int = "best",
+    all_steps: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    dtype: str | None = None,
+    show_progress: bool = True,
+    devices: Sequence[Any] | None = None,
+    chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
+) -> int:
+    """`predict_files`, streamed: inputs read `chunk_rows` rows at a time and predictions written
+    as they come, so memory stays flat whatever the input size. The output appears only complete;
+    an error part way leaves no file. Returns the rows written."""
+    with tablewriter.AtomicTableWriter(output) as out:
+        saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
+        predictor = load(saved, dtype=dtype, devices=devices)
+        for frame in iter_predictions(
+            predictor, sources, all_steps, batch_size, show_progress, chunk_rows
+        ):
+            out.write(frame)
+        out.commit()
+    log.info("wrote %d rows to %s", out.rows, os.fspath(output))
+    return out.rows

@@ -2,12 +2,14 @@
 
     python scripts/predict.py --checkpoint=URI --input=PATH [--input=PATH ...] --output=PATH
         [--step=best|latest|N] [--all_steps] [--batch_size=1024] [--dtype=float32|bfloat16]
+        [--chunk_rows=500000]
 
 URI is a checkpoint store (local path, file://, gs://) or a run directory holding checkpoints/.
 Inputs are C-MAPSS text files (test_FD001.txt) or CSV/Parquet tables in the training run's
 column layout. The output (CSV or Parquet by extension) has `unit`, `time`, `rul_pred` and one
-`rul_pNN` per other model quantile. Progress on stderr; a bad input or checkpoint is one
-`error: ...` line and exit code 2, and leaves no output file behind.
+`rul_pNN` per other model quantile. Inputs are read and predictions written a chunk of whole
+units at a time, so memory stays flat on inputs of any size. Progress on stderr; a bad input or
+checkpoint is one `error: ...` line and exit code 2, and leaves no output file behind.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="compute dtype (default: the one the training run used)",
     )
+    parser.add_argument(
+        "--chunk_rows",
+        type=int,
+        default=500_000,
+        help="input rows read at a time (plus the rest of the unit that straddles the cut); "
+        "bounds memory on large inputs",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser.parse_args(argv)
 
@@ -77,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hostmem.tune()
     try:
-        predict.predict_files(
+        predict.predict_to_file(
             args.checkpoint,
             args.input,
             args.output,
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             dtype=args.dtype,
             show_progress=not args.quiet,
+            chunk_rows=args.chunk_rows,
         )
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")

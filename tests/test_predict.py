@@ -252,6 +252,58 @@ def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tm
     np.testing.assert_allclose(frame["rul_pred"], one["rul_pred"], rtol=1e-5, atol=1e-4)
 
 
+def test_streamed_prediction_matches_the_whole_file(runs, test_file, tmp_path):
+    """Inputs read 1000 rows at a time (units straddle the cuts) and predictions written as they
+    come give the rows the in-memory prediction gives, for each input and output format."""
+    history = cmapss.read_history(test_file)
+    tft = str(runs["tft"])
+    whole = predict.predict_files(tft, [test_file], show_progress=False)
+    out = tmp_path / "tft.csv.gz"
+    rows = predict.predict_to_file(tft, [test_file], out, chunk_rows=1000, show_progress=False)
+    assert rows == 100
+    streamed = pd.read_csv(out)
+    assert list(streamed.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
+    np.testing.assert_array_equal(streamed[["unit", "time"]], whole[["unit", "time"]])
+    np.testing.assert_allclose(streamed.iloc[:, 2:], whole.iloc[:, 2:], rtol=1e-5, atol=1e-4)
+
+    table = tmp_path / "history.parquet"
+    history.to_parquet(table, index=False)
+    cnn = str(runs["cnn"])
+    every = predict.predict_files(cnn, [test_file], all_steps=True, show_progress=False)
+    out = tmp_path / "every.parquet"
+    rows = predict.predict_to_file(
+        cnn, [table], out, all_steps=True, chunk_rows=777, show_progress=False
+    )
+    assert rows == TEST_ROWS
+    streamed = pd.read_parquet(out)
+    np.testing.assert_array_equal(streamed[["unit", "time"]], every[["unit", "time"]])
+    np.testing.assert_allclose(streamed["rul_pred"], every["rul_pred"], rtol=1e-5, atol=1e-4)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_script_error_deep_in_a_streamed_input_leaves_no_output(runs, test_file, tmp_path):
+    """A bad value in the 12th of 14 chunks: earlier chunks were already predicted and written
+    to the temp file, yet the one-line error leaves nothing behind."""
+    history = cmapss.read_history(test_file)
+    history["s_4"] = history["s_4"].astype(object)
+    history.loc[history.index[12_000], "s_4"] = "broken"
+    path = tmp_path / "bad.csv"
+    history.to_csv(path, index=False)
+    out = tmp_path / "pred.csv"
+    proc = _script(
+        f"--checkpoint={runs['cnn']}", f"--input={path}", f"--output={out}", "--chunk_rows=1000"
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {path}: line 12002, column 's_4': 'broken' is not a number"]
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [path]
+    proc = _script(
+        f"--checkpoint={runs['cnn']}", f"--input={path}", f"--output={out}", "--chunk_rows=0"
+    )
+    assert proc.returncode == 2 and "error: --chunk_rows: expected an integer >= 1" in proc.stderr
+
+
 def test_script_missing_sensor_column_is_one_error_line_and_no_output(runs, test_file, tmp_path):
     history = cmapss.read_history(test_file).drop(columns=["s_3", "s_11"])
     path = tmp_path / "no_s3.csv"

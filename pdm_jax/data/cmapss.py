@@ -106,13 +106,20 @@ def locate(subset: str, data_dir: str | os.PathLike | None = None) -> tuple[path
 def read_history(path: pathlib.Path) -> pd.DataFrame:
     """Parses one train_/test_ file into a frame with the 26 named columns."""
     frame = validate.read_whitespace_table(path, COLUMNS)
-    name = validate.display_name(path)
+    check_ids(frame, validate.display_name(path))
+    return frame
+
+
+def check_ids(frame: pd.DataFrame, name: str) -> None:
+    """Unit and cycle of a C-MAPSS text file are positive integers (also checked per chunk)."""
     for col in ("unit", "cycle"):
         values = frame[col].to_numpy()
-        if not np.all(values == np.round(values)) or (values < 1).any():
-            pos = int(np.flatnonzero((values != np.round(values)) | (values < 1))[0])
-            raise DataError(f"{name}: line {pos + 1}, column '{col}': expected a positive integer")
-    return frame
+        bad = (values != np.round(values)) | (values < 1)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{name}: line {frame.index[pos]}, column '{col}': expected a positive integer"
+            )
 
 
 def read_rul(path: pathlib.Path) -> np.ndarray:

@@ -73,18 +73,18 @@ def read_whitespace_table(path: str | os.PathLike, names: Sequence[str]) -> pd.D
     if frame is not None and frame.shape[1] == len(names) and len(frame) > 0:
         if frame.isna().to_numpy().any():
             # A short line also reads as NaN: tell it apart from a real 'nan' value.
-            _scan_whitespace_lines(path, names)
+            scan_whitespace_lines(path, names)
         frame.columns = list(names)
         frame.index = np.arange(1, len(frame) + 1)
         frame.attrs["where"] = "line"
         return frame
-    _scan_whitespace_lines(path, names)
+    scan_whitespace_lines(path, names)
     raise DataError(
         f"{name}: could not parse as {len(names)} whitespace-separated numbers per line"
     )
 
 
-def _scan_whitespace_lines(path: str | os.PathLike, names: Sequence[str]) -> None:
+def scan_whitespace_lines(path: str | os.PathLike, names: Sequence[str]) -> None:
     """The slow path: finds the first offending line, to say exactly what is wrong."""
     name = display_name(path)
     rows = 0
