@@ -143,11 +143,20 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
                 test.num_padded,
                 window,
             )
-    if train.num_padded:
+    if train.num_padded and shortest >= window:
         log.warning(
             "%d training unit(s) are shorter than the window (%d); each gives one padded window",
             train.num_padded,
             window,
+        )
+    elif train.num_padded:  # asked for (data.min_history): not a warning
+        log.info(
+            "%d of %d training windows have less history than the window (%d) and are "
+            "left-padded and masked (data.min_history=%d)",
+            train.num_padded,
+            len(train),
+            window,
+            shortest,
         )
     return Prepared(
         raw=raw,

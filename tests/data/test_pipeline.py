@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -91,7 +92,7 @@ def test_window_ends_stride_keeps_failure_row():
         window_ends(np.array([0]), np.array([5]), window=0, stride=1, mode="train")
 
 
-def test_min_history_adds_left_padded_windows_of_short_histories():
+def test_min_history_adds_left_padded_windows_of_short_histories(caplog):
     starts, stops = np.array([0, 10]), np.array([10, 13])
     ends = window_ends(starts, stops, window=4, stride=1, mode="train", min_history=2)
     # unit 0: histories of 2..10 rows end at rows 1..9; unit 1 (3 rows): ends at 11, 12
@@ -101,8 +102,12 @@ def test_min_history_adds_left_padded_windows_of_short_histories():
     cfg = _cfg()
     full = dataset.prepare(cfg.data, 0)
     cfg.data.min_history = 10
+    caplog.set_level(logging.INFO, logger="pdm_jax.data.dataset")
     short = dataset.prepare(cfg.data, 0)
     units = len(full.train_units)
+    # Padded on purpose: an info line counting windows, not the short-unit warning.
+    assert [r.levelname for r in caplog.records if "training" in r.getMessage()] == ["INFO"]
+    assert f"{units * 20} of {len(short.train)} training windows" in caplog.text
     assert len(short.train) == len(full.train) + units * (30 - 10)
     assert len(short.val) == len(full.val) + len(full.val_units) * (30 - 10)
     batch = short.train.gather(np.arange(len(short.train)))
