@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.compute = ml_collections.ConfigDict()
     config.compute.dtype = "auto"  # 'auto' | 'float32' | 'bfloat16'
     config.compute.mesh = auto()  # (data, model) device counts; model is reserved (1)
+    # Windows per chunk of an evaluation/prediction batch (0: the whole batch at once); 'auto':
+    # cache-sized chunks for the TFT on CPU, off elsewhere. Results are the same either way.
+    config.compute.infer_microbatch = auto()
     config.compute.xla_flags = "auto"  # extra XLA flags for this platform; '' = none
     config.compute.compilation_cache = "auto"  # persistent compile cache dir; '' = off
 

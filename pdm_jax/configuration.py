@@ -207,6 +207,13 @@ def validate(config: Any) -> None:
         "'auto', 'float32' or 'bfloat16'",
         config.compute.dtype,
     )
+    chunk = config.compute.get("infer_microbatch", "auto")
+    _require(
+        chunk == "auto" or (_is_int(chunk) and chunk >= 0),
+        "compute.infer_microbatch",
+        "'auto' or an integer >= 0",
+        chunk,
+    )
 
 
 def load_module(path: str | os.PathLike) -> Any:

@@ -177,6 +177,7 @@ class Layout:
     per_device_batch: int  # global_batch // (data * grad_accum)
     remat: tuple[str, ...]  # model blocks to rematerialise
     data_workers: int  # grain prefetch threads
+    infer_microbatch: int  # windows per chunk of a prediction batch; 0 = the whole batch at once
     xla_flags: tuple[str, ...]
     compilation_cache_dir: str | None
     sources: Mapping[str, str]  # decision name -> 'auto' | 'config'
@@ -192,6 +193,7 @@ CONFIG_KEYS: dict[str, str | None] = {
     "per_device_batch": None,
     "remat": "model.remat",
     "data_workers": "data.num_threads",
+    "infer_microbatch": "compute.infer_microbatch",
     "xla_flags": "compute.xla_flags",
     "compilation_cache_dir": "compute.compilation_cache",
 }
@@ -788,6 +790,33 @@ def _decide_workers(platform: Platform, value: Any) -> tuple[int, bool, str]:
     )
 
 
+# Measured with scripts/benchmark.py --what=infer on the 2-core CPU (docs/DESIGN.md): the TFT's
+# forward at batch 1024 runs ~2x faster as 32 chunks of 32 windows, whose [V, N, D] variable-
+# selection intermediates stay in cache; the CNN-BiLSTM's forward gains nothing from it.
+CPU_INFER_MICROBATCH = {"tft": 32, "cnn_bilstm": 0}
+
+
+def decide_infer_microbatch(backend: str, model: str, value: Any = "auto") -> tuple[int, bool, str]:
+    """(windows per chunk of a prediction batch, auto?, why); 0 runs the batch at once.
+
+    Also used by batch inference, which decides for the machine it runs on, not the training's.
+    """
+    if not _is_auto(value):
+        chunk = _as_int(value)
+        if chunk is None or chunk < 0:
+            raise ConfigError(
+                "config.compute.infer_microbatch: expected 'auto' or an integer >= 0, got "
+                f"{value!r}"
+            )
+        return chunk, False, ""
+    if backend == "cpu":
+        chunk = CPU_INFER_MICROBATCH.get(model, 0)
+        if chunk:
+            return chunk, True, f"CPU: {model} forward in cache-sized chunks of {chunk} windows"
+        return 0, True, f"CPU: {model} gains nothing from chunking its forward"
+    return 0, True, "accelerator: the whole batch at once"
+
+
 _FLAG = re.compile(r"^--(xla_[a-z0-9_]+)(?:=(.*))?$")
 
 
@@ -871,6 +900,12 @@ def decide(platform: Platform, config: Any) -> Layout:
 
     workers, auto, reason = _decide_workers(platform, _get(config, "data.num_threads", "auto"))
     record("data_workers", auto, reason)
+    chunk, auto, reason = decide_infer_microbatch(
+        platform.backend,
+        _get(config, "model.name", "tft"),
+        _get(config, "compute.infer_microbatch", "auto"),
+    )
+    record("infer_microbatch", auto, reason)
     flags, auto, reason = _decide_xla_flags(platform, _get(config, "compute.xla_flags", "auto"))
     record("xla_flags", auto, reason)
     cache, auto, reason = _decide_cache(platform, _get(config, "compute.compilation_cache", "auto"))
@@ -884,6 +919,7 @@ def decide(platform: Platform, config: Any) -> Layout:
         per_device_batch=per_device,
         remat=remat,
         data_workers=workers,
+        infer_microbatch=chunk,
         xla_flags=flags,
         compilation_cache_dir=cache,
         sources={name: sources[name] for name in CONFIG_KEYS},

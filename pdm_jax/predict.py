@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from pdm_jax import checkpoint, models, parallel, steps, tablewriter, train
+from pdm_jax import checkpoint, models, parallel, platform, steps, tablewriter, train
 from pdm_jax.data import chunked, cmapss, dataset, features, validate
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RunTable
@@ -73,6 +73,7 @@ class Predictor:
     mesh: Any
     params: Any
     predict: Any
+    microbatch: int = 0  # windows per chunk of a batch, per device (0: the batch at once)
 
     @property
     def window(self) -> int:
@@ -231,6 +232,7 @@ def load(
     step: str | int = "best",
     dtype: str | None = None,
     devices: Sequence[Any] | None = None,
+    microbatch: int | str = "auto",
 ) -> Predictor:
     """Restores one step's parameters for prediction, replicated over `devices` (default: all
     local ones).
@@ -239,7 +241,8 @@ def load(
     the parameters of that step (their Polyak average when the run used one, as its evaluation
     did). `dtype` overrides the compute dtype the run resolved (e.g. float32 for a bf16 run
     predicted on a CPU). `source` is a checkpoint URI or what `read_saved` returned (then `step` is
-    ignored).
+    ignored). `microbatch` ('auto': decided for these devices, not the training's) chunks each
+    batch as config.compute.infer_microbatch does.
     """
     saved = source if isinstance(source, Saved) else read_saved(source, step)
     config, scaler = saved.config, saved.scaler
@@ -253,6 +256,14 @@ def load(
     optimizer, _ = train.make_optimizer(config.train)
     mesh = _mesh(devices)
     replicated = parallel.replicated(mesh)
+    try:
+        chunk, _, why = platform.decide_infer_microbatch(
+            mesh.devices.flat[0].platform, spec.name, microbatch
+        )
+    except ConfigError:
+        raise ConfigError(
+            f"--infer_microbatch: expected 'auto' or an integer >= 0, got {microbatch!r}"
+        ) from None
 
     def abstract(x: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
@@ -280,7 +291,8 @@ def load(
         params = train.eval_params(state["params"], state["opt_state"])
         params_step = saved.step
     log.info(
-        "%s: step %d, %s parameters (from step %d), model %s, %s on %d device(s)",
+        "%s: step %d, %s parameters (from step %d), model %s, %s on %d device(s), "
+        "microbatch %d (%s)",
         saved.uri,
         saved.step,
         saved.which,
@@ -288,6 +300,8 @@ def load(
         spec.name,
         spec.dtype,
         mesh.devices.size,
+        chunk,
+        why or "set by --infer_microbatch",
     )
     return Predictor(
         uri=saved.uri,
@@ -300,7 +314,8 @@ def load(
         spec=spec,
         mesh=mesh,
         params=params,
-        predict=steps.make_predict_step(graphdef, spec, mesh),
+        predict=steps.make_predict_step(graphdef, spec, mesh, microbatch=chunk),
+        microbatch=chunk,
     )
 
 
@@ -401,12 +416,16 @@ def _to_input(frame: pd.DataFrame, source: Source, nan_policy: str) -> Input:
     return Input(source, table, raw_time.astype(np.int64) if whole else raw_time)
 
 
-def _batch_size(requested: int, num_windows: int, devices: int) -> int:
-    """One size for every file (one compile), no bigger than needed, a multiple of `devices`."""
+def _batch_size(requested: int, num_windows: int, devices: int, microbatch: int = 0) -> int:
+    """One size for every file (one compile), no bigger than needed, a multiple of `devices`
+    (and of the chunks, `microbatch` per device, when it holds more than one)."""
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
         raise ConfigError(f"--batch_size: expected an integer >= 1, got {requested!r}")
     size = min(requested, max(num_windows, 1))
-    return -(-size // devices) * devices
+    multiple = steps.chunked_batch_multiple(devices, microbatch)
+    if size <= multiple:
+        multiple = devices
+    return -(-size // multiple) * multiple
 
 
 def _predict_windows(
@@ -472,7 +491,8 @@ def iter_predictions(
         total, "windows", f"predicting {predictor.spec.name}", enabled=show_progress
     )
     warm: dict[str, float] = {}
-    size = None if len(sources) == 1 else _batch_size(batch_size, batch_size, devices)
+    chunk = predictor.microbatch
+    size = None if len(sources) == 1 else _batch_size(batch_size, batch_size, devices, chunk)
     windows = files = 0
     try:
         for source in sources:
@@ -484,7 +504,7 @@ def iter_predictions(
                 starts, stops = item.table.unit_bounds()
                 short += int((stops - starts < predictor.window).sum())
                 if size is None:
-                    size = _batch_size(batch_size, len(win), devices)
+                    size = _batch_size(batch_size, len(win), devices, chunk)
                 values = _predict_windows(predictor, win, size, progress, warm)
                 windows += len(win)
                 frame = pd.DataFrame(
@@ -547,6 +567,7 @@ def predict_files(
     show_progress: bool = True,
     devices: Sequence[Any] | None = None,
     chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
+    microbatch: int | str = "auto",
 ) -> pd.DataFrame:
     """RUL predictions for every unit of `inputs` from a checkpoint (store or run directory), as
     one frame in memory; `predict_to_file` streams large inputs instead.
@@ -560,7 +581,7 @@ def predict_files(
     if output is not None:
         tablewriter.table_format(output)  # refuse a bad extension before the work
     saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
-    predictor = load(saved, dtype=dtype, devices=devices)
+    predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
     frames = iter_predictions(predictor, sources, all_steps, batch_size, show_progress, chunk_rows)
     frame = pd.concat(list(frames), ignore_index=True)
     if output is not None:
@@ -580,13 +601,14 @@ def predict_to_file(
     show_progress: bool = True,
     devices: Sequence[Any] | None = None,
     chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
+    microbatch: int | str = "auto",
 ) -> int:
     """`predict_files`, streamed: inputs read `chunk_rows` rows at a time and predictions written
     as they come, so memory stays flat whatever the input size. The output appears only complete;
     an error part way leaves no file. Returns the rows written."""
     with tablewriter.AtomicTableWriter(output) as out:
         saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
-        predictor = load(saved, dtype=dtype, devices=devices)
+        predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
         for frame in iter_predictions(
             predictor, sources, all_steps, batch_size, show_progress, chunk_rows
         ):

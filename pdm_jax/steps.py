@@ -111,18 +111,61 @@ def make_train_step(
     )
 
 
+def chunked_batch_multiple(data_parallel: int, microbatch: int) -> int:
+    """Prediction batches should be a multiple of this for `microbatch` chunks to apply."""
+    return max(1, data_parallel) * max(1, microbatch)
+
+
+def _in_chunks(
+    forward: Callable[[dict[str, Any]], Any], inputs: dict[str, Any], parts: int, chunks: int
+) -> Any:
+    """forward over `chunks` consecutive slices of each of `parts` equal parts of the batch (the
+    data-parallel shards), one slice per part at a time: [B] -> [chunks, parts * B/(parts*chunks)]
+    rows, `lax.map` over the first axis, and the outputs put back in batch order."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(parts, chunks, -1, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(chunks, -1, *x.shape[3:])
+
+    def join(y: jax.Array) -> jax.Array:
+        y = y.reshape(chunks, parts, -1, *y.shape[2:])
+        return jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[3:])
+
+    out = jax.lax.map(forward, jax.tree.map(split, inputs))
+    return jax.tree.map(join, out)
+
+
 def make_predict_step(
     graphdef: nnx.GraphDef,
     spec: ModelSpec,
     mesh: Mesh | None = None,
     compiler_options: dict[str, Any] | None = None,
+    microbatch: int = 0,
 ) -> Callable[[Any, dict[str, Any]], dict[str, jax.Array]]:
     """(params, batch) -> {"pred": [B, Q] fp32, "point": [B] fp32}; with a mesh the batch is
-    split on the data axis and the outputs come back replicated, readable on every process."""
+    split on the data axis and the outputs come back replicated, readable on every process.
+
+    `microbatch` > 0 runs each device's share of the batch as a loop over chunks of that many
+    windows (when it divides the share): the same numbers, and on a CPU the intermediates of a
+    chunk stay in cache (config.compute.infer_microbatch).
+    """
+    parts = mesh.shape[parallel.DATA] if mesh is not None else 1
+
+    def forward(params: Any, inputs: dict[str, Any]) -> jax.Array:
+        if mesh is not None and parts > 1:
+            inputs = jax.lax.with_sharding_constraint(inputs, parallel.batch_sharding(mesh))
+        return models.apply(graphdef, params, inputs)["pred"]
 
     def predict_step(params, batch):
-        out = models.apply(graphdef, params, model_inputs(batch))
-        return {"pred": out["pred"], "point": layers.point_prediction(out["pred"], spec.quantiles)}
+        inputs = model_inputs(batch)
+        share = next(iter(inputs.values())).shape[0] // parts
+        if microbatch and share > microbatch and share % microbatch == 0:
+            pred = _in_chunks(
+                lambda chunk: forward(params, chunk), inputs, parts, share // microbatch
+            )
+        else:
+            pred = forward(params, inputs)
+        return {"pred": pred, "point": layers.point_prediction(pred, spec.quantiles)}
 
     options = {"compiler_options": compiler_options} if compiler_options else {}
     if mesh is None:

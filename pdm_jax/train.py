@@ -116,18 +116,23 @@ def resolve(config: Any, layout: platform.Layout) -> ml_collections.ConfigDict:
     values["train"]["grad_accum"] = int(layout.grad_accum)
     values["model"]["remat"] = tuple(layout.remat)
     values["data"]["num_threads"] = int(layout.data_workers)
+    values["compute"]["infer_microbatch"] = int(layout.infer_microbatch)
     resolved = ml_collections.ConfigDict(values)
     return resolved
 
 
-def eval_batch_size(num_windows: int, data_parallel: int) -> int:
-    """Fixed evaluation batch (one compile), a multiple of the data-parallel size."""
+def eval_batch_size(num_windows: int, data_parallel: int, microbatch: int = 0) -> int:
+    """Fixed evaluation batch (one compile), a multiple of the data-parallel size, and of the
+    prediction chunks (`microbatch` per device) when it holds more than one of them."""
     size = min(EVAL_BATCH, max(num_windows, 1))
-    return -(-size // data_parallel) * data_parallel
+    multiple = steps.chunked_batch_multiple(data_parallel, microbatch)
+    if size <= multiple:
+        multiple = data_parallel
+    return -(-size // multiple) * multiple
 
 
 def evaluate(
-    predict: Any, params: Any, windows: Windows, mesh: Any | None = None
+    predict: Any, params: Any, windows: Windows, mesh: Any | None = None, microbatch: int = 0
 ) -> dict[str, Any]:
     """Point predictions for every window and their scores against the (capped) truth, plus
     every model output (`outputs` [N, Q]: the quantiles, one column for point models).
@@ -135,7 +140,7 @@ def evaluate(
     With a mesh, each process feeds its share of every batch and reads back the whole prediction.
     """
     data_parallel = mesh.shape[parallel.DATA] if mesh is not None else 1
-    size = eval_batch_size(len(windows), data_parallel)
+    size = eval_batch_size(len(windows), data_parallel, microbatch)
     share = host_share(size, jax.process_index(), jax.process_count())
     preds, outputs, truth, units = [], [], [], []
     for batch in eval_batches(windows, size):
@@ -330,6 +335,7 @@ def layout_summary(layout: platform.Layout) -> dict[str, Any]:
         "grad_accum": layout.grad_accum,
         "per_device_batch": layout.per_device_batch,
         "dtype": layout.dtype,
+        "infer_microbatch": layout.infer_microbatch,
         "processes": jax.process_count(),
     }
 
@@ -340,6 +346,7 @@ def test_report(
     prepared: dataset.Prepared,
     mesh: Any,
     quantiles: Sequence[float] = (),
+    microbatch: int = 0,
 ) -> dict[str, Any] | None:
     """Scores on each test unit's last window and per-unit errors; None without test truth.
 
@@ -349,7 +356,7 @@ def test_report(
     """
     if prepared.test is None or not np.isfinite(prepared.test.targets).any():
         return None
-    result = evaluate(predict, params, prepared.test, mesh)
+    result = evaluate(predict, params, prepared.test, mesh, microbatch)
     labels = prepared.raw.test.unit_labels
     per_unit = [
         {
@@ -428,7 +435,8 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
     finally:
         if own is not None:
             own.close()
-    predict = steps.make_predict_step(run.graphdef, run.spec, run.mesh, run.options)
+    chunk = int(run.layout.infer_microbatch)
+    predict = steps.make_predict_step(run.graphdef, run.spec, run.mesh, run.options, chunk)
     params = parallel.replicate(best["params"], run.mesh)
     report: dict[str, Any] = {
         "mode": "eval",
@@ -441,9 +449,10 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
         "data": run.prepared.summary(),
     }
     if run.prepared.val is not None:
-        val = evaluate(predict, params, run.prepared.val, run.mesh)
+        val = evaluate(predict, params, run.prepared.val, run.mesh, chunk)
         report["val"] = {k: val[k] for k in ("rmse", "mae", "phm08", "count")}
-    report.update(test_report(predict, params, run.prepared, run.mesh, run.spec.quantiles) or {})
+    scores = test_report(predict, params, run.prepared, run.mesh, run.spec.quantiles, chunk)
+    report.update(scores or {})
     if run.primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
     log.info("eval: %s", json.dumps({k: report.get(k) for k in ("val", "test")}))
@@ -470,7 +479,8 @@ def train_and_evaluate(
     train_step = steps.make_train_step(
         graphdef, spec, optimizer, mesh, layout.grad_accum, config.seed, options
     )
-    predict = steps.make_predict_step(graphdef, spec, mesh, options)
+    chunk = int(layout.infer_microbatch)
+    predict = steps.make_predict_step(graphdef, spec, mesh, options, chunk)
     batches = dataset.train_batches(
         prepared, config, host_index=jax.process_index(), host_count=jax.process_count()
     )
@@ -553,7 +563,7 @@ def train_and_evaluate(
             val_rmse = None
             evaluated = step % eval_every == 0 or step == num_steps
             if evaluated and prepared.val is not None:
-                val = evaluate(predict, eval_params(params, opt_state), prepared.val, mesh)
+                val = evaluate(predict, eval_params(params, opt_state), prepared.val, mesh, chunk)
                 val_rmse = val["rmse"]
                 record.update(val_rmse=val["rmse"], val_mae=val["mae"])
                 if val["rmse"] < best["rmse"]:
@@ -614,9 +624,8 @@ def train_and_evaluate(
     }
     log.info("process %d: params sha256 %s", jax.process_index(), report["params_sha256"])
     if test:
-        scored = test_report(
-            predict, parallel.replicate(best["params"], mesh), prepared, mesh, spec.quantiles
-        )
+        best_params = parallel.replicate(best["params"], mesh)
+        scored = test_report(predict, best_params, prepared, mesh, spec.quantiles, chunk)
         if scored is not None:
             report.update(scored)
             writer.write(step, {f"test_{k}": v for k, v in report["test"].items()})

@@ -78,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["tft", "cnn_bilstm"], default="tft")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--infer_batch", type=int, default=1024)
+    parser.add_argument(
+        "--infer_microbatch",
+        default="auto",
+        help="windows per chunk of the prediction batch (config.compute.infer_microbatch); "
+        "'auto' decides for this backend and model, 0 = whole batch",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=30,
+        help="window length; 30, the PyTorch peers' (shared/peers), for like-for-like ratios",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -99,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     malloc_tuned = False if args.no_malloc_tuning else hostmem.tune()
 
-    from pdm_jax import configuration, models, steps
+    from pdm_jax import configuration, models, platform, steps
     from pdm_jax.data import dataset
     from pdm_jax.data.pipeline import TrainIterator
     from pdm_jax.models import layers
 
     config = configuration.load_config(args.model)
     config.train.batch_size = args.batch
+    config.data.window = args.window
     prepared = dataset.prepare(config.data, config.seed)
     blocks = {"tft": ("vsn", "lstm", "attention"), "cnn_bilstm": ("conv", "lstm")}[args.model]
 
@@ -159,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "infer" in what:
         _log(f"infer: batch {args.infer_batch}")
-        predict = steps.make_predict_step(graphdef, spec)
+        microbatch, _, why = platform.decide_infer_microbatch(
+            jax.default_backend(), args.model, args.infer_microbatch
+        )
+        _log(f"infer: microbatch {microbatch} ({why or 'set by --infer_microbatch'})")
+        predict = steps.make_predict_step(graphdef, spec, microbatch=microbatch)
         ids = np.arange(args.infer_batch) % len(prepared.train)
         batch = steps.as_arrays(prepared.train.gather(ids))
         start = time.perf_counter()
@@ -172,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     **base,
                     "what": "infer",
                     "infer_batch": args.infer_batch,
+                    "infer_microbatch": microbatch,
                     "compile_s": round(compile_s, 2),
                     "infer_windows_per_s": round(args.infer_batch / float(np.median(times)), 1),
                     "peak_host_rss_mb": round(_peak_rss_mb(), 1),

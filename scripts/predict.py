@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="input rows read at a time (plus the rest of the unit that straddles the cut); "
         "bounds memory on large inputs",
     )
+    parser.add_argument(
+        "--infer_microbatch",
+        default="auto",
+        help="windows per chunk of a batch per device; auto: decided for this machine "
+        "(chunks of 32 for the TFT on CPU), 0: the whole batch at once",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser.parse_args(argv)
 
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             show_progress=not args.quiet,
             chunk_rows=args.chunk_rows,
+            microbatch=args.infer_microbatch,
         )
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")

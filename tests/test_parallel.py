@@ -157,3 +157,71 @@ def test_mesh_of_the_wrong_size_names_the_key():
 
     with pytest.raises(ConfigError, match=r"config\.compute\.mesh"):
         parallel.make_mesh((4, 1), jax.devices()[:1])
+
+
+# Predictions of one batch of 128 windows by a small TFT and CNN-BiLSTM, whole and in chunks of 4
+# windows per device, on 1 and on 8 devices: printed as the largest difference from the
+# whole-batch, 1-device prediction, plus the number of loops in each lowered step.
+CHUNKED_PREDICT = r"""
+import json
+import jax
+import numpy as np
+from pdm_jax import models, parallel, steps
+from pdm_jax.data import dataset
+from pdm_jax.models import layers
+from tests.conftest import load_config, tiny_cnn_config
+
+cfg = load_config("tft")
+cfg.model.tft.hidden, cfg.model.tft.heads, cfg.model.tft.var_hidden = 8, 2, 4
+prepared = dataset.prepare(cfg.data, cfg.seed)
+batch = steps.host_arrays(prepared.val.gather(np.arange(128)))
+result = {}
+for name, model_cfg in (("tft", cfg.model), ("cnn_bilstm", tiny_cnn_config().model)):
+    spec = layers.spec_from_config(model_cfg, 14, cfg.data.window)
+    graphdef, params = models.split(models.build(spec))
+    preds = {}
+    for devices in (1, 8):
+        mesh = parallel.make_mesh((devices, 1), jax.devices()[:devices])
+        placed = jax.device_put(batch, parallel.batch_sharding(mesh))
+        for chunk in (0, 4):
+            step = steps.make_predict_step(graphdef, spec, mesh, microbatch=chunk)
+            p = parallel.replicate(params, mesh)
+            preds[f"{devices}x{chunk}"] = np.asarray(step(p, placed)["pred"])
+            text = step.lower(p, placed).as_text()
+            result[f"{name} {devices}x{chunk} loops"] = text.count("stablehlo.while")
+    for key, value in preds.items():
+        result[f"{name} {key}"] = float(np.abs(value - preds["1x0"]).max())
+print(json.dumps(result))
+"""
+
+
+def test_chunked_prediction_is_the_whole_batch_prediction_on_one_and_eight_devices():
+    """config.compute.infer_microbatch only changes how a batch is computed, never the result."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CHUNKED_PREDICT],
+        cwd=REPO,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("tft", "cnn_bilstm"):
+        for key in ("1x0", "1x4", "8x0", "8x4"):
+            assert result[f"{name} {key}"] < 1e-4, (name, key, result)
+        # Chunks of 4 per device (32 chunks on 1 device, 4 on 8) are one more loop than the
+        # model's own scans.
+        for devices in (1, 8):
+            loops = result[f"{name} {devices}x4 loops"]
+            assert loops == result[f"{name} {devices}x0 loops"] + 1, (name, devices, result)
+
+
+def test_chunked_batches_are_multiples_of_the_chunks():
+    from pdm_jax import train
+
+    assert train.eval_batch_size(100, 1, 32) == 128  # 4 chunks of 32
+    assert train.eval_batch_size(20, 1, 32) == 20  # one chunk's worth: run it whole
+    assert train.eval_batch_size(5000, 8, 32) == 1024
+    assert train.eval_batch_size(300, 8, 32) == 512
+    assert train.eval_batch_size(300, 8, 0) == 304

@@ -383,6 +383,7 @@ def test_decide_layout_for_each_environment(name):
     if cache_on:
         assert layout.compilation_cache_dir.endswith("/.cache/pdm_jax/jax_cache")
     assert layout.data_workers == workers
+    assert layout.infer_microbatch == (32 if found.backend == "cpu" else 0)
     multi_gpu = found.backend == "gpu" and found.num_devices > 1
     assert bool(layout.xla_flags) == multi_gpu
     expected_sources = {name: "auto" for name in platform.CONFIG_KEYS} | {"global_batch": "config"}
@@ -545,6 +546,7 @@ def test_explicit_values_win_and_are_marked_config():
         train__grad_accum=2,
         model__remat=("vsn",),
         data__num_threads=3,
+        compute__infer_microbatch=16,
         compute__xla_flags="--xla_gpu_enable_latency_hiding_scheduler=false",
         compute__compilation_cache="",
     )
@@ -554,6 +556,7 @@ def test_explicit_values_win_and_are_marked_config():
     assert (layout.grad_accum, layout.per_device_batch) == (2, 16)
     assert layout.remat == ("vsn",)
     assert layout.data_workers == 3
+    assert layout.infer_microbatch == 16
     assert layout.xla_flags == ("--xla_gpu_enable_latency_hiding_scheduler=false",)
     assert layout.compilation_cache_dir is None
     assert set(layout.sources.values()) == {"config"}
@@ -645,6 +648,8 @@ def test_bad_mesh_names_the_key(mesh):
         ("compute.xla_flags", "xla_gpu_foo=1"),
         ("compute.xla_flags", "--not_an_xla_flag"),
         ("compute.compilation_cache", 5),
+        ("compute.infer_microbatch", -1),
+        ("compute.infer_microbatch", "many"),
     ],
 )
 def test_other_bad_values_name_their_key(key, value):
@@ -807,3 +812,14 @@ def test_module_probe_never_imports(tmp_path, monkeypatch):
     assert not platform._importable("pdm_probe_pkg.missing")
     assert not platform._importable("pdm_no_such_package.sub")
     assert "pdm_probe_pkg" not in sys.modules
+
+
+def test_infer_microbatch_chunks_only_the_tft_on_cpu():
+    """Measured (docs/DESIGN.md): chunks of 32 windows double the TFT's CPU inference; the
+    CNN-BiLSTM gains nothing, and accelerators want the whole batch."""
+    assert platform.decide_infer_microbatch("cpu", "tft")[:2] == (32, True)
+    assert platform.decide_infer_microbatch("cpu", "cnn_bilstm")[:2] == (0, True)
+    assert platform.decide_infer_microbatch("gpu", "tft")[:2] == (0, True)
+    assert platform.decide_infer_microbatch("tpu", "tft", "8")[:2] == (8, False)
+    layout = platform.decide(detected("laptop"), make_config("cnn_bilstm"))
+    assert layout.infer_microbatch == 0
