@@ -585,9 +585,19 @@ def _abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
 
 
+# Keys added to the config after checkpoints were first written, each with the value that does
+# what the code did before the key existed: a checkpoint saved without one reads as having that
+# value, so adding a key never strands a run that can still resume exactly.
+ADDED_KEYS: dict[str, Any] = {
+    "data.min_history": 0,
+    "model.target_offset": 0.0,
+}
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ, other than those a resume may change."""
     flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved = {**{k: v for k, v in ADDED_KEYS.items() if k in flat_now}, **flat_saved}
     keys = sorted(set(flat_saved) | set(flat_now))
     return [
         k

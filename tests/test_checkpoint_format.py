@@ -4,6 +4,7 @@ later code changes; a checkpoint newer than the code is refused in one line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -76,3 +77,19 @@ if __name__ == "__main__":  # regenerate the fixture (only when FORMAT_VERSION i
     with checkpoint.CheckpointStore(str(FIXTURE)) as store:
         store.save(4, v1_state(), META, {"val_rmse": 21.5})
         sys.exit(0 if store.wait() else 1)
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_still_resumes():
+    """A run saved before data.min_history / model.target_offset existed compares as having the
+    values that behave as the old code did; any other value is a real difference."""
+    from pdm_jax.configuration import load_config
+
+    current = load_config("tft").to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["data"]["min_history"], saved["model"]["target_offset"]
+    del saved["compute"]["infer_microbatch"]  # a hardware key: resumable anyway
+    assert checkpoint.config_differences(saved, current) == []
+    current["data"]["min_history"] = 10
+    current["model"]["target_offset"] = 60.0
+    differ = checkpoint.config_differences(saved, current)
+    assert differ == ["data.min_history", "model.target_offset"]
