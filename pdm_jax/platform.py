@@ -687,6 +687,13 @@ def _parse_accum(value: Any, per_replica: int, batch: int, data: int) -> int | N
     return accum
 
 
+# Measured with scripts/benchmark.py --what=train --grad_accum=N on the 2-core CPU (docs/DESIGN.md):
+# the TFT's train step at batch 256 runs ~1.7x faster as 8 accumulated microbatches of 32, whose
+# variable-selection intermediates stay in cache; the CNN-BiLSTM is ~6x slower that way (its scan
+# pays per step, not per sample), so it keeps the whole batch.
+CPU_TRAIN_MICROBATCH = {"tft": 32}
+
+
 def _smallest_fit(per_replica: int, bytes_per_sample: int, budget: int) -> int | None:
     for accum in _divisors(per_replica):
         if (per_replica // accum) * bytes_per_sample <= budget:
@@ -747,7 +754,14 @@ def _decide_memory(
     if accum is None:
         found = _smallest_fit(per_replica, per_sample, budget)
         accum = found if found is not None else per_replica
-    if accum_auto:
+    speed = CPU_TRAIN_MICROBATCH.get(model, 0) if platform.backend == "cpu" else 0
+    if accum_auto and speed and per_replica // accum > speed and fits(accum, per_sample):
+        accum = next(a for a in _divisors(per_replica) if a >= accum and per_replica // a <= speed)
+        notes.append(
+            f"grad_accum: CPU: {model} trains faster in microbatches of at most {speed} "
+            f"(cache-sized; the same global batch and update)"
+        )
+    elif accum_auto:
         need = (per_replica // accum) * per_sample
         if fits(accum, per_sample):
             reason = (

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         default=30,
         help="window length; 30, the PyTorch peers' (shared/peers), for like-for-like ratios",
     )
+    parser.add_argument(
+        "--grad_accum", type=int, default=1, help="microbatches per train step (same global batch)"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"train: {args.model}, batch {args.batch}, {args.steps} steps")
         optimizer = optax.adam(config.train.learning_rate)
         opt_state = optimizer.init(params)
-        train_step = steps.make_train_step(graphdef, spec, optimizer)
+        train_step = steps.make_train_step(graphdef, spec, optimizer, grad_accum=args.grad_accum)
         start = time.perf_counter()
         compiled = train_step.lower(params, opt_state, batches[0], np.int32(0)).compile()
         compile_s = time.perf_counter() - start
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **base,
                     "what": "train",
+                    "grad_accum": args.grad_accum,
                     "compile_s": round(compile_s, 2),
                     "train_samples_per_s": round(args.batch / float(np.median(times)), 1),
                     "step_ms_p50": round(1000 * float(np.median(times)), 2),

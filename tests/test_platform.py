@@ -293,7 +293,7 @@ EXPECTED_LAYOUT = {
     "colab_a100": ((1, 1), BF16, 1, 256, (), True, 4),
     "colab_tpu_v2": ((8, 1), BF16, 1, 32, (), True, 4),
     "colab_tpu_v5e": ((1, 1), BF16, 1, 256, (), True, 4),
-    "colab_cpu": ((1, 1), FP32, 1, 256, (), False, 1),
+    "colab_cpu": ((1, 1), FP32, 8, 32, (), False, 1),
     "kaggle_p100": ((1, 1), FP32, 1, 256, (), True, 2),
     "kaggle_t4x2": ((2, 1), FP32, 1, 128, (), True, 1),
     "kaggle_tpu_v5e8": ((8, 1), BF16, 1, 32, (), True, 4),
@@ -303,14 +303,14 @@ EXPECTED_LAYOUT = {
     "vertex_a100": ((2, 1), BF16, 1, 128, (), True, 4),
     "azure_v100x4": ((4, 1), FP32, 1, 64, (), True, 3),
     "azureml_a100": ((1, 1), BF16, 1, 256, (), True, 4),
-    "hyperv_laptop": ((1, 1), FP32, 1, 256, (), False, 1),
+    "hyperv_laptop": ((1, 1), FP32, 8, 32, (), False, 1),
     "ec2_a10g": ((1, 1), BF16, 1, 256, (), True, 2),
     "ec2_xen_v100x8": ((8, 1), FP32, 1, 32, (), True, 4),
     "sagemaker_a100x8": ((8, 1), BF16, 1, 32, (), True, 4),
     "slurm_a100_2nodes": ((8, 1), BF16, 1, 32, (), True, 4),
     "slurm_on_gce_h100": ((8, 1), BF16, 1, 32, (), True, 4),
-    "laptop": ((1, 1), FP32, 1, 256, (), False, 1),
-    "container_no_dmi": ((1, 1), FP32, 1, 256, (), False, 1),
+    "laptop": ((1, 1), FP32, 8, 32, (), False, 1),
+    "container_no_dmi": ((1, 1), FP32, 8, 32, (), False, 1),
 }
 
 
@@ -527,8 +527,9 @@ def test_unknown_memory_is_assumed_and_noted():
     assert any(n.startswith("memory:") and "8.0 GiB" in n for n in notes)
 
 
-def test_cpu_budget_is_shared_by_local_devices():
+def test_cpu_budget_is_shared_by_local_devices(monkeypatch):
     # 16 GiB host, 8 forced host devices: 0.25 * 16 GiB / 8 = 0.5 GiB, 335 TFT samples per device
+    monkeypatch.setitem(platform.CPU_TRAIN_MICROBATCH, "tft", 0)  # memory alone decides here
     eight = detected("laptop", devices=devices("cpu", 8, backend="cpu"))
     layout = platform.decide(eight, make_config(train__batch_size=8 * 1024, model__remat=()))
     assert (layout.mesh_shape, layout.grad_accum, layout.per_device_batch) == ((8, 1), 4, 256)
@@ -823,3 +824,22 @@ def test_infer_microbatch_chunks_only_the_tft_on_cpu():
     assert platform.decide_infer_microbatch("tpu", "tft", "8")[:2] == (8, False)
     layout = platform.decide(detected("laptop"), make_config("cnn_bilstm"))
     assert layout.infer_microbatch == 0
+
+
+def test_cpu_trains_the_tft_in_microbatches_of_32_and_the_cnn_whole():
+    """Measured (docs/DESIGN.md): the TFT's CPU train step is ~1.7x faster as accumulated
+    microbatches of 32; the CNN-BiLSTM's is far slower that way. An explicit value wins."""
+    laptop = detected("laptop")
+    layout = platform.decide(laptop, make_config("tft", train__batch_size=256))
+    assert (layout.grad_accum, layout.per_device_batch) == (8, 32)
+    assert any("microbatches of at most 32" in n for n in layout.notes)
+    layout = platform.decide(laptop, make_config("tft", train__batch_size=96))
+    assert (layout.grad_accum, layout.per_device_batch) == (3, 32)
+    layout = platform.decide(laptop, make_config("tft", train__batch_size=100))
+    assert (layout.grad_accum, layout.per_device_batch) == (4, 25)
+    layout = platform.decide(laptop, make_config("cnn_bilstm", train__batch_size=256))
+    assert (layout.grad_accum, layout.per_device_batch) == (1, 256)
+    layout = platform.decide(laptop, make_config("tft", train__batch_size=256, train__grad_accum=1))
+    assert (layout.grad_accum, layout.sources["grad_accum"]) == (1, "config")
+    gpu = platform.decide(detected("gce_h100x8"), make_config("tft", train__batch_size=256))
+    assert gpu.grad_accum == 1
