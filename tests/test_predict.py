@@ -298,10 +298,9 @@ def test_script_error_deep_in_a_streamed_input_leaves_no_output(runs, test_file,
     assert errors == [f"error: {path}: line 12002, column 's_4': 'broken' is not a number"]
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == [path]
-    proc = _script(
-        f"--checkpoint={runs['cnn']}", f"--input={path}", f"--output={out}", "--chunk_rows=0"
-    )
-    assert proc.returncode == 2 and "error: --chunk_rows: expected an integer >= 1" in proc.stderr
+    with pytest.raises(ConfigError, match="--chunk_rows: expected an integer >= 1"):
+        predict.predict_to_file(str(runs["cnn"]), [path], out, chunk_rows=0)
+    assert not out.exists()
 
 
 def test_script_missing_sensor_column_is_one_error_line_and_no_output(runs, test_file, tmp_path):
