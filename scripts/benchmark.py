@@ -3,6 +3,8 @@
     python scripts/benchmark.py --model=tft --batch=256 --steps=200 [--dtype=float32|bfloat16]
         [--remat] [--what=train,infer,data,memory,checkpoint] [--infer_batch=1024]
         [--storage=local,s3,gs,az] [--checkpoint_uri=URI,...] [--save_every=100]
+        [--window=30] [--grad_accum=1] [--infer_microbatch=auto] [--synthetic_units=N]
+        [--set KEY=VALUE ...]
 
 `checkpoint`: for the model's full training state (params, AdamW state, best params), how long
 `CheckpointStore.save()` blocks the loop, how long the whole async save takes, how long a restore
@@ -12,14 +14,19 @@ backends: `local` (a temporary directory) and `s3`, `gs`, `az` on the test suite
 (moto, gcp-storage-emulator, Azurite; needs a repository checkout); `--checkpoint_uri` adds real
 stores (comma-separated; credentials from the usual environment chains).
 
-Runs on C-MAPSS FD001 windows (embedded). JSON on stdout, progress on stderr. Speeds are medians
-over steady-state steps (compile and warm-up excluded, `block_until_ready` on every step). Run it
-beside ../shared/peers/run_all.sh and compare ratios, not absolute figures, across machines.
+Runs on C-MAPSS FD001 windows (embedded), or with `--synthetic_units=N` on synthetic data of
+that many training units (a scale curve: samples/s should stay flat and host memory grow only
+with the data, since windows are index ranges). `peak_bytes` is the device's peak memory where
+the backend reports it (GPU/TPU; null on CPU). JSON on stdout, progress on stderr. Speeds are
+medians over steady-state steps (compile and warm-up excluded, `block_until_ready` on every
+step). Run it beside ../shared/peers/run_all.sh and compare ratios, not absolute figures, across
+machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import resource
 import sys
@@ -73,6 +80,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _device_peak_bytes() -> int | None:
+    """Peak device memory where the backend reports it (GPU, TPU); None on CPU."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without the query raise rather than return None
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return int(peak) if peak is not None else None
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs; values read as Python literals (8, 0.3, (32, 32)), else text."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. model.tft.hidden=8")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tft", "cnn_bilstm"], default="tft")
@@ -92,6 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--grad_accum", type=int, default=1, help="microbatches per train step (same global batch)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.tft.hidden=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--synthetic_units",
+        type=int,
+        default=0,
+        help="synthetic run-to-failure data with this many training units instead of FD001 "
+        "(scale curves: samples/s and host memory against data size)",
     )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
@@ -122,7 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     config = configuration.load_config(args.model)
     config.train.batch_size = args.batch
     config.data.window = args.window
+    if args.synthetic_units:
+        config.data.source = "synthetic"
+        config.data.synthetic.num_units = args.synthetic_units
+        config.data.synthetic.test_units = 10
+    for key, value in _overrides(args.set).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+        if not hasattr(node, "get") or leaf not in node:
+            raise SystemExit(f"error: --set: unknown config key {key!r}")
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"error: --set: {key}: {err}") from None
+    start = time.perf_counter()
     prepared = dataset.prepare(config.data, config.seed)
+    prepare_s = time.perf_counter() - start
     blocks = {"tft": ("vsn", "lstm", "attention"), "cnn_bilstm": ("conv", "lstm")}[args.model]
 
     def build(batch: int, remat: bool) -> tuple[Any, Any, Any]:
@@ -134,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         return spec, graphdef, params
 
     spec, graphdef, params = build(args.batch, args.remat)
-    base = _base(args, spec, params, malloc_tuned)
+    base = {
+        **_base(args, spec, params, malloc_tuned),
+        "data_source": f"synthetic:{args.synthetic_units}" if args.synthetic_units else "FD001",
+        "train_windows": len(prepared.train),
+        "prepare_s": round(prepare_s, 2),
+    }
     iterator = TrainIterator(prepared.train, args.batch, config.seed, prefetch=0, num_threads=0)
     batches = [steps.as_arrays(next(iterator)) for _ in range(8)]
 
@@ -168,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     "step_ms_p50": round(1000 * float(np.median(times)), 2),
                     "step_ms_p90": round(1000 * float(np.percentile(times, 90)), 2),
                     "peak_host_rss_mb": round(_peak_rss_mb(), 1),
+                    "peak_bytes": _device_peak_bytes(),
                 }
             ),
             flush=True,
