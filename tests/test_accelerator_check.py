@@ -1,5 +1,5 @@
 """scripts/accelerator_check.sh, the prepared GPU/TPU check, runs end to end here on CPU in its
-quick mode: platform block, benchmark rows in both dtypes, a SIGKILL after the first checkpoint
+quick mode: platform block, a benchmark row, a SIGKILL after the first checkpoint
 and a resume that finishes the run, and the summary files. (Speeds are never asserted.)"""
 
 import json
@@ -20,6 +20,7 @@ def test_accelerator_check_quick_on_cpu(tmp_path):
             str(out),
             "--quick",
             "--models=cnn_bilstm",
+            "--dtypes=bfloat16",  # float32 is test_benchmark's; this keeps the suite short
             "--budget_s=400",
         ],
         cwd=REPO,
@@ -32,10 +33,7 @@ def test_accelerator_check_quick_on_cpu(tmp_path):
     assert "platform: cpu" in proc.stdout and "infer_microbatch" in proc.stdout
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     speed = [r for r in rows if r["step"] == "speed"]
-    assert [(r["model"], r["dtype"]) for r in speed] == [
-        ("cnn_bilstm", "float32"),
-        ("cnn_bilstm", "bfloat16"),
-    ]
+    assert [(r["model"], r["dtype"]) for r in speed] == [("cnn_bilstm", "bfloat16")]
     assert all(r["status"] == "ok" and r["train_samples_per_s"] > 0 for r in speed)
     assert all(r["infer_windows_per_s"] > 0 and r["peak_bytes"] is None for r in speed)
     (resumed,) = [r for r in rows if r["step"] == "resume"]
