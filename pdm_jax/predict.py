@@ -497,10 +497,12 @@ def iter_predictions(
     try:
         for source in sources:
             short = 0
+            flagged: set[str] = set()
             for item in read_chunks(source, nan_policy, chunk_rows):
                 win = dataset.make_windows(
                     item.table, predictor.scaler, data.rul_cap, predictor.window, 1, mode
                 )
+                flagged |= _warn_out_of_range(item, predictor.scaler, win.features, flagged)
                 starts, stops = item.table.unit_bounds()
                 short += int((stops - starts < predictor.window).sum())
                 if size is None:
@@ -542,6 +544,43 @@ def iter_predictions(
         size or 0,
         devices,
     )
+
+
+# Scaled feature medians beyond this many half-ranges of the training data from its centre (the
+# training rows scale into [-1, 1]) mean another unit or scale, not wear: degradation moves a
+# C-MAPSS sensor across its training range, not 5 ranges past it.
+OUT_OF_RANGE = 5.0
+
+
+def _warn_out_of_range(
+    item: Input, scaler: features.Scaler, scaled: np.ndarray, already: set[str]
+) -> set[str]:
+    """Warns (once per file and column) about feature columns whose values sit far outside the
+    training data's range: the typical sign of different units (degrees C for R, kPa for psia)
+    or a different scaling than training saw. Returns the columns warned about."""
+    if not len(scaled):
+        return set()
+    medians = np.median(scaled, axis=0)
+    far = [
+        i
+        for i, col in enumerate(scaler.features)
+        if abs(medians[i]) > OUT_OF_RANGE and col not in already
+    ]
+    if not far:
+        return set()
+    parts = []
+    for i in far:
+        col = scaler.features[i]
+        raw = float(np.median(item.table.frame[col].to_numpy(np.float64)))
+        low, high = float(scaler.mins[:, i].min()), float(scaler.maxs[:, i].max())
+        parts.append(f"{col!r} (median {raw:.4g}, training range {low:.4g}..{high:.4g})")
+    log.warning(
+        "%s: %s far outside the training data's range: different units or scale than the "
+        "checkpoint's training data? Predictions from them are extrapolations",
+        item.source.name,
+        ", ".join(parts),
+    )
+    return {scaler.features[i] for i in far}
 
 
 def _open_inputs(

@@ -220,6 +220,27 @@ def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplo
     np.testing.assert_allclose(merged["rul_pred"], merged["rul_pred_ref"], rtol=1e-5, atol=1e-4)
 
 
+def test_values_in_other_units_are_warned_once_per_file(runs, test_file, tmp_path, caplog):
+    """Temperatures in degrees Celsius instead of the training data's Rankine sit far outside the
+    training range: one warning per file naming the columns, even over many chunks; the real file
+    raises none."""
+    caplog.set_level(logging.WARNING, logger="pdm_jax.predict")
+    predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    assert not [r for r in caplog.records if "far outside" in r.getMessage()]
+    history = cmapss.read_history(test_file)
+    for col in ("s_2", "s_3"):
+        history[col] = (history[col] - 491.67) * 5 / 9
+    path = tmp_path / "celsius.csv"
+    history.to_csv(path, index=False)
+    caplog.clear()
+    predict.predict_files(str(runs["cnn"]), [str(path)], show_progress=False, chunk_rows=2000)
+    warned = [r.getMessage() for r in caplog.records if "far outside" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "'s_2' (median 83." in warned[0] and "training range 641" in warned[0]
+    assert "'s_3'" in warned[0] and "'s_4'" not in warned[0]
+    assert "different units or scale" in warned[0]
+
+
 def test_several_inputs_are_told_apart_by_file(runs, test_file, tmp_path):
     history = cmapss.read_history(test_file)
     part = tmp_path / "part.parquet"
