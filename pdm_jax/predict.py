@@ -421,11 +421,7 @@ def _batch_size(requested: int, num_windows: int, devices: int, microbatch: int 
     (and of the chunks, `microbatch` per device, when it holds more than one)."""
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
         raise ConfigError(f"--batch_size: expected an integer >= 1, got {requested!r}")
-    size = min(requested, max(num_windows, 1))
-    multiple = steps.chunked_batch_multiple(devices, microbatch)
-    if size <= multiple:
-        multiple = devices
-    return -(-size // multiple) * multiple
+    return steps.prediction_batch_size(min(requested, max(num_windows, 1)), devices, microbatch)
 
 
 def _predict_windows(
@@ -583,16 +579,30 @@ def _warn_out_of_range(
     return {scaler.features[i] for i in far}
 
 
-def _open_inputs(
-    checkpoint_uri: str, inputs: Sequence[str | os.PathLike], step: str | int, chunk_rows: int
-) -> tuple[Saved, list[Source]]:
-    """The checkpoint's description and every input's header, checked before any model loads."""
+def _predictions(
+    checkpoint_uri: str,
+    inputs: Sequence[str | os.PathLike],
+    step: str | int,
+    all_steps: bool,
+    batch_size: int,
+    dtype: str | None,
+    show_progress: bool,
+    devices: Sequence[Any] | None,
+    chunk_rows: int,
+    microbatch: int | str,
+) -> Iterator[pd.DataFrame]:
+    """What `predict_files` and `predict_to_file` share: the checkpoint's description and every
+    input's header checked before any model loads, then the prediction frames."""
     if not inputs:
         raise ConfigError("--input: give at least one file to predict on")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ConfigError(f"--chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
     saved = read_saved(checkpoint_uri, step)
-    return saved, [open_source(path, saved.columns) for path in inputs]
+    sources = [open_source(path, saved.columns) for path in inputs]
+    predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
+    yield from iter_predictions(
+        predictor, sources, all_steps, batch_size, show_progress, chunk_rows
+    )
 
 
 def predict_files(
@@ -619,9 +629,18 @@ def predict_files(
     """
     if output is not None:
         tablewriter.table_format(output)  # refuse a bad extension before the work
-    saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
-    predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
-    frames = iter_predictions(predictor, sources, all_steps, batch_size, show_progress, chunk_rows)
+    frames = _predictions(
+        checkpoint_uri,
+        inputs,
+        step,
+        all_steps,
+        batch_size,
+        dtype,
+        show_progress,
+        devices,
+        chunk_rows,
+        microbatch,
+    )
     frame = pd.concat(list(frames), ignore_index=True)
     if output is not None:
         tablewriter.write_table(frame, output)
@@ -646,10 +665,17 @@ def predict_to_file(
     as they come, so memory stays flat whatever the input size. The output appears only complete;
     an error part way leaves no file. Returns the rows written."""
     with tablewriter.AtomicTableWriter(output) as out:
-        saved, sources = _open_inputs(checkpoint_uri, inputs, step, chunk_rows)
-        predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
-        for frame in iter_predictions(
-            predictor, sources, all_steps, batch_size, show_progress, chunk_rows
+        for frame in _predictions(
+            checkpoint_uri,
+            inputs,
+            step,
+            all_steps,
+            batch_size,
+            dtype,
+            show_progress,
+            devices,
+            chunk_rows,
+            microbatch,
         ):
             out.write(frame)
         out.commit()

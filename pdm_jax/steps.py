@@ -111,9 +111,13 @@ def make_train_step(
     )
 
 
-def chunked_batch_multiple(data_parallel: int, microbatch: int) -> int:
-    """Prediction batches should be a multiple of this for `microbatch` chunks to apply."""
-    return max(1, data_parallel) * max(1, microbatch)
+def prediction_batch_size(size: int, data_parallel: int, microbatch: int = 0) -> int:
+    """`size` rounded up to a multiple of the data-parallel size, and of the per-device chunks
+    (`microbatch` each) when it holds more than one chunk per device, so they apply."""
+    multiple = max(1, data_parallel) * max(1, microbatch)
+    if size <= multiple:
+        multiple = max(1, data_parallel)
+    return -(-size // multiple) * multiple
 
 
 def _in_chunks(

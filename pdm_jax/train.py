@@ -124,11 +124,9 @@ def resolve(config: Any, layout: platform.Layout) -> ml_collections.ConfigDict:
 def eval_batch_size(num_windows: int, data_parallel: int, microbatch: int = 0) -> int:
     """Fixed evaluation batch (one compile), a multiple of the data-parallel size, and of the
     prediction chunks (`microbatch` per device) when it holds more than one of them."""
-    size = min(EVAL_BATCH, max(num_windows, 1))
-    multiple = steps.chunked_batch_multiple(data_parallel, microbatch)
-    if size <= multiple:
-        multiple = data_parallel
-    return -(-size // multiple) * multiple
+    return steps.prediction_batch_size(
+        min(EVAL_BATCH, max(num_windows, 1)), data_parallel, microbatch
+    )
 
 
 def evaluate(
