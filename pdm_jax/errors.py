@@ -5,6 +5,13 @@ message must stand alone: name the file, row, column or config key, and what was
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's message cut to its first line (or its type name when empty): what
+    fits after "cannot read: ..." in a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PdmError(Exception):
     """Base for errors caused by the user's input rather than by a bug."""
 

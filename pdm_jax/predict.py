@@ -29,7 +29,7 @@ from pdm_jax import checkpoint, models, parallel, platform, steps, tablewriter, 
 from pdm_jax.data import chunked, cmapss, dataset, features, validate
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RunTable
-from pdm_jax.errors import ConfigError, DataError
+from pdm_jax.errors import ConfigError, DataError, first_line
 from pdm_jax.models import layers
 from pdm_jax.progress import Progress
 
@@ -156,11 +156,6 @@ def _columns(config: ml_collections.ConfigDict, scaler: features.Scaler) -> Colu
     return Columns(cols.unit, cols.time, scaler.settings, scaler.features, frozenset(known))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _parse_step(step: str | int) -> str | int:
     if isinstance(step, int) and not isinstance(step, bool):
         return step
@@ -196,7 +191,7 @@ def _open_store(uri: str) -> checkpoint.CheckpointStore:
     try:
         return checkpoint.CheckpointStore(uri, create=False)
     except Exception as err:  # remote stores fail in many library-specific ways
-        raise ConfigError(f"--checkpoint: cannot open {uri}: {_first_line(err)}") from err
+        raise ConfigError(f"--checkpoint: cannot open {uri}: {first_line(err)}") from err
 
 
 def read_saved(checkpoint_uri: str, step: str | int = "best") -> Saved:
@@ -282,7 +277,7 @@ def load(
         except (ValueError, KeyError) as err:  # a tree or shape mismatch in Orbax
             raise ConfigError(
                 f"{saved.uri} step {saved.step}: parameters do not match the model its config "
-                f"describes ({_first_line(err)})"
+                f"describes ({first_line(err)})"
             ) from err
     if saved.which == "best":
         params = state["best_params"]

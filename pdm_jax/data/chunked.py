@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pdm_jax.data import validate
-from pdm_jax.errors import DataError
+from pdm_jax.errors import DataError, first_line
 
 KINDS = ("text", "csv", "parquet")
 DEFAULT_CHUNK_ROWS = 500_000
@@ -57,7 +57,7 @@ def header(path: str | os.PathLike, kind: str, text_names: Sequence[str] = ()) -
     except pd.errors.EmptyDataError:
         raise DataError(f"{name}: empty file (expected a header and data rows)") from None
     except Exception as exc:  # pandas/pyarrow raise many types; the user needs one line
-        raise DataError(f"{name}: cannot read: {_first_line(exc)}") from None
+        raise DataError(f"{name}: cannot read: {first_line(exc)}") from None
 
 
 def row_count(path: str | os.PathLike, kind: str) -> int | None:
@@ -77,11 +77,6 @@ def row_count(path: str | os.PathLike, kind: str) -> int | None:
         return lines - (kind == "csv")
     except Exception:  # only the progress total depends on it
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _raw_chunks(
@@ -106,17 +101,17 @@ def _raw_chunks(
             reader = pd.read_csv(
                 path, sep=r"\s+", header=None, dtype=np.float64, engine="c", chunksize=chunk_rows
             )
-            first_line = 1
+            line_offset = 1
         else:
             reader = pd.read_csv(path, chunksize=chunk_rows)
-            first_line = 2  # line 1 is the header
+            line_offset = 2  # line 1 is the header
         with reader:
             for frame in reader:
                 if kind == "text":
                     if frame.shape[1] != len(text_names) or frame.isna().to_numpy().any():
                         validate.scan_whitespace_lines(path, text_names)
                     frame.columns = list(text_names)
-                frame.index = frame.index + first_line
+                frame.index = frame.index + line_offset
                 frame.attrs["where"] = "line"
                 yield frame
     except DataError:
@@ -126,9 +121,9 @@ def _raw_chunks(
     except (ValueError, pd.errors.ParserError) as exc:
         if kind == "text":
             validate.scan_whitespace_lines(path, text_names)
-        raise DataError(f"{name}: cannot read: {_first_line(exc)}") from None
+        raise DataError(f"{name}: cannot read: {first_line(exc)}") from None
     except Exception as exc:  # pandas/pyarrow raise many types; the user needs one line
-        raise DataError(f"{name}: cannot read: {_first_line(exc)}") from None
+        raise DataError(f"{name}: cannot read: {first_line(exc)}") from None
 
 
 def unit_chunks(

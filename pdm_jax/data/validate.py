@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pdm_jax.errors import DataError
+from pdm_jax.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def read_user_file(path: str | os.PathLike) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"{name}: empty file (expected a header and data rows)") from None
     except Exception as exc:  # pandas/pyarrow raise many types; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{name}: cannot read: {first}") from None
+        raise DataError(f"{name}: cannot read: {first_line(exc)}") from None
     if len(frame) == 0:
         raise DataError(f"{name}: no data rows (only a header)")
     return frame
