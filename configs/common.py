@@ -102,6 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', after linear warm-up
     train.warmup_steps = 100
     train.schedule_steps = 5000  # the LR schedule's own length, independent of num_steps
+    # p10-p90 bands for both model kinds (pdm_jax/calibration.py): 'conformal' shifts the band
+    # (a point model's: its prediction) by split-conformal quantiles fitted on validation units
+    # with each best step and saved in the checkpoint; 'none' leaves the model's own quantiles.
+    train.calibration = "conformal"
     train.patience = 10  # evaluations without improvement before early stopping
     train.eval_every = 200
     train.log_every = 50  # steps between train-loss lines in metrics.jsonl / TensorBoard

@@ -45,7 +45,9 @@ from pdm_jax.errors import ConfigError, PdmError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: meta holds `calibration` (the best parameters' conformal band, pdm_jax/calibration.py);
+# format 1 checkpoints load and resume, without a band until one is fitted again.
+FORMAT_VERSION = 2
 STATE, META = "state", "meta"
 # Config keys a resumed run may change: how long and how often, where things are stored, what
 # is logged, and where the (fingerprint-checked) data lives. Hardware-resolved keys (compute.*,
@@ -58,6 +60,7 @@ RESUMABLE_CHANGES = (
     "train.tensorboard",
     "train.plots",
     "train.grad_accum",
+    "train.calibration",  # fitted after each evaluation; training itself never reads it
     "checkpoint.",
     "compute.",
     "distributed.",

@@ -10,7 +10,7 @@ import importlib.util
 import os
 from typing import Any
 
-from pdm_jax import jsonio
+from pdm_jax import calibration, jsonio
 from pdm_jax.data.cmapss import SUBSETS
 from pdm_jax.data.sources import SOURCES
 from pdm_jax.data.validate import NAN_POLICIES
@@ -168,6 +168,12 @@ def validate(config: Any) -> None:
         train.ema_decay,
     )
     _require(train.clip_norm >= 0, "train.clip_norm", "a number >= 0 (0 = off)", train.clip_norm)
+    _require(
+        train.get("calibration", "none") in calibration.METHODS,
+        "train.calibration",
+        f"one of {calibration.METHODS}",
+        train.get("calibration"),
+    )
     _require(train.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}", train.schedule)
     for key in ("warmup_steps", "schedule_steps", "patience", "num_epochs"):
         _require(

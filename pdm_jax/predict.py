@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pdm_jax import checkpoint, models, parallel, platform, steps, tablewriter, train
+from pdm_jax.calibration import Calibration
 from pdm_jax.data import chunked, cmapss, dataset, features, validate
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RunTable
@@ -36,6 +37,7 @@ from pdm_jax.progress import Progress
 log = logging.getLogger(__name__)
 
 STEP_CHOICES = ("best", "latest")
+INTERVALS = ("calibrated", "raw")
 DEFAULT_BATCH = 1024
 
 
@@ -74,6 +76,7 @@ class Predictor:
     params: Any
     predict: Any
     microbatch: int = 0  # windows per chunk of a batch, per device (0: the batch at once)
+    calibrated: Calibration | None = None  # the conformal p10-p90 band of these parameters
 
     @property
     def window(self) -> int:
@@ -228,6 +231,7 @@ def load(
     dtype: str | None = None,
     devices: Sequence[Any] | None = None,
     microbatch: int | str = "auto",
+    intervals: str = "calibrated",
 ) -> Predictor:
     """Restores one step's parameters for prediction, replicated over `devices` (default: all
     local ones).
@@ -237,8 +241,12 @@ def load(
     did). `dtype` overrides the compute dtype the run resolved (e.g. float32 for a bf16 run
     predicted on a CPU). `source` is a checkpoint URI or what `read_saved` returned (then `step` is
     ignored). `microbatch` ('auto': decided for these devices, not the training's) chunks each
-    batch as config.compute.infer_microbatch does.
+    batch as config.compute.infer_microbatch does. `intervals` 'calibrated' draws the p10-p90
+    band the run fitted on its validation units for these parameters (the checkpoint's
+    `calibration`); 'raw' gives the model's own quantiles only (none for a point model).
     """
+    if intervals not in INTERVALS:
+        raise ConfigError(f"--intervals: expected one of {INTERVALS}, got {intervals!r}")
     saved = source if isinstance(source, Saved) else read_saved(source, step)
     config, scaler = saved.config, saved.scaler
     compute = dtype or config.compute.get("dtype", "float32")
@@ -285,6 +293,9 @@ def load(
     else:
         params = train.eval_params(state["params"], state["opt_state"])
         params_step = saved.step
+    calibrated = None
+    if intervals == "calibrated":
+        calibrated = _calibration(meta, params_step, saved)
     log.info(
         "%s: step %d, %s parameters (from step %d), model %s, %s on %d device(s), "
         "microbatch %d (%s)",
@@ -311,7 +322,25 @@ def load(
         params=params,
         predict=steps.make_predict_step(graphdef, spec, mesh, microbatch=chunk),
         microbatch=chunk,
+        calibrated=calibrated,
     )
+
+
+def _calibration(meta: dict[str, Any], params_step: int, saved: Saved) -> Calibration | None:
+    """The checkpoint's band when it was fitted for the parameters restored; else None, said
+    once: a band fitted for other parameters would claim a coverage it does not have."""
+    fitted = Calibration.from_dict(meta.get("calibration"))
+    if fitted is not None and fitted.step == params_step:
+        return fitted
+    if fitted is None:
+        why = (
+            f"checkpoint format {meta.get('format_version', 0)} holds none (rerun "
+            "--mode=eval or train with config.train.calibration='conformal')"
+        )
+    else:
+        why = f"it was fitted for step {fitted.step}'s parameters, not step {params_step}'s"
+    log.info("%s: no calibrated p10-p90 band: %s", saved.uri, why)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +538,12 @@ def iter_predictions(
                 )
                 for index, column in predictor.quantile_columns:
                     frame[column] = values[:, index]
+                if predictor.calibrated is not None:
+                    low, high = predictor.calibrated.bands(
+                        values[:, :-1], values[:, -1], predictor.spec.quantiles
+                    )
+                    for q, bound in zip(predictor.calibrated.interval, (low, high), strict=True):
+                        frame[quantile_column(q)] = bound.astype(np.float32)
                 if len(sources) > 1:
                     frame.insert(0, "file", source.path)
                 yield frame
@@ -585,6 +620,7 @@ def _predictions(
     devices: Sequence[Any] | None,
     chunk_rows: int,
     microbatch: int | str,
+    intervals: str,
 ) -> Iterator[pd.DataFrame]:
     """What `predict_files` and `predict_to_file` share: the checkpoint's description and every
     input's header checked before any model loads, then the prediction frames."""
@@ -594,7 +630,9 @@ def _predictions(
         raise ConfigError(f"--chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
     saved = read_saved(checkpoint_uri, step)
     sources = [open_source(path, saved.columns) for path in inputs]
-    predictor = load(saved, dtype=dtype, devices=devices, microbatch=microbatch)
+    predictor = load(
+        saved, dtype=dtype, devices=devices, microbatch=microbatch, intervals=intervals
+    )
     yield from iter_predictions(
         predictor, sources, all_steps, batch_size, show_progress, chunk_rows
     )
@@ -612,15 +650,17 @@ def predict_files(
     devices: Sequence[Any] | None = None,
     chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
     microbatch: int | str = "auto",
+    intervals: str = "calibrated",
 ) -> pd.DataFrame:
     """RUL predictions for every unit of `inputs` from a checkpoint (store or run directory), as
     one frame in memory; `predict_to_file` streams large inputs instead.
 
     Columns: `unit`, `time` (of the window's last observation), `rul_pred` (point or median) and
-    `rul_pNN` per other model quantile; a leading `file` column when several inputs are given,
-    since their unit ids may repeat. With `all_steps`, one row per input row. Writes `output`
-    (CSV or Parquet by extension) when given. Every input's columns are checked before anything
-    runs; its rows are checked as they are read.
+    `rul_pNN` per other model quantile, with `rul_p10`/`rul_p90` the calibrated band when the
+    checkpoint has one (any model; `intervals='raw'`: the model's own); a leading `file` column
+    when several inputs are given, since their unit ids may repeat. With `all_steps`, one row per
+    input row. Writes `output` (CSV or Parquet by extension) when given. Every input's columns are
+    checked before anything runs; its rows are checked as they are read.
     """
     if output is not None:
         tablewriter.table_format(output)  # refuse a bad extension before the work
@@ -635,6 +675,7 @@ def predict_files(
         devices,
         chunk_rows,
         microbatch,
+        intervals,
     )
     frame = pd.concat(list(frames), ignore_index=True)
     if output is not None:
@@ -655,6 +696,7 @@ def predict_to_file(
     devices: Sequence[Any] | None = None,
     chunk_rows: int = chunked.DEFAULT_CHUNK_ROWS,
     microbatch: int | str = "auto",
+    intervals: str = "calibrated",
 ) -> int:
     """`predict_files`, streamed: inputs read `chunk_rows` rows at a time and predictions written
     as they come, so memory stays flat whatever the input size. The output appears only complete;
@@ -671,6 +713,7 @@ def predict_to_file(
             devices,
             chunk_rows,
             microbatch,
+            intervals,
         ):
             out.write(frame)
         out.commit()

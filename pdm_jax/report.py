@@ -4,7 +4,8 @@
 TFT's interpretability outputs into PNGs under `<workdir>/plots/`, with fixed names so scripts
 and people find them:
 
-- `pred_vs_true.png`: each test unit's predicted vs true RUL (sorted by truth), p10-p90 band;
+- `pred_vs_true.png`: each test unit's predicted vs true RUL (sorted by truth), p10-p90 band
+  (the calibrated one when the run has it, so point models get a band too);
 - `error_hist.png`: the errors against the PHM08 penalty, late (costlier) side marked;
 - `trajectories.png`: RUL over the life of a few test units, truth vs prediction at every step;
 - `tft_explain.png`: the TFT's variable importance and mean attention over the window;
@@ -31,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pdm_jax import metrics, models, steps, summaries
+from pdm_jax.calibration import Calibration
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.models import layers
 
@@ -320,6 +322,7 @@ def collect_trajectories(
     quantiles: Sequence[float],
     unit_labels: Sequence[Any],
     count: int = 4,
+    calibrated: Calibration | None = None,
 ) -> list[Trajectory]:
     """Predictions at every time step (one window ending at each row) of `count` units."""
     if not len(windows.row_unit):
@@ -328,6 +331,11 @@ def collect_trajectories(
     rows = np.concatenate([np.flatnonzero(windows.row_unit == u) for u in chosen])
     out = run_windows(outputs, params, dataclasses.replace(windows, ends=rows))
     band = metrics.interval_columns(quantiles)
+    low = high = None
+    if calibrated is not None:
+        low, high = calibrated.bands(out["pred"], out["point"], quantiles)
+    elif band is not None:
+        low, high = out["pred"][:, band[0]], out["pred"][:, band[1]]
     result = []
     for u in chosen:
         sel = windows.row_unit[rows] == u
@@ -338,8 +346,8 @@ def collect_trajectories(
                 time=windows.row_time[rows][sel],
                 true=windows.targets[rows][sel],
                 pred=out["point"][sel],
-                low=None if band is None else out["pred"][sel, band[0]],
-                high=None if band is None else out["pred"][sel, band[1]],
+                low=None if low is None else low[sel],
+                high=None if high is None else high[sel],
             )
         )
     return result
@@ -371,6 +379,7 @@ def run_plots(
     unit_labels: Sequence[Any],
     feature_names: Sequence[str],
     explain_windows: Windows | None = None,
+    calibrated: Calibration | None = None,
 ) -> list[str]:
     """Runs the model for the trajectory and TFT plots, then writes every plot.
 
@@ -380,7 +389,9 @@ def run_plots(
     outputs = model_outputs(graphdef, spec)
     per_step = None
     if windows is not None:
-        per_step = collect_trajectories(outputs, params, windows, spec.quantiles, unit_labels)
+        per_step = collect_trajectories(
+            outputs, params, windows, spec.quantiles, unit_labels, calibrated=calibrated
+        )
     explanation = None
     source = explain_windows if explain_windows is not None else windows
     if spec.name == "tft" and source is not None and len(source):

@@ -13,6 +13,7 @@ same point: rerunning the same command resumes from the latest complete step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import optax
 
 from pdm_jax import (
     averaging,
+    calibration,
     checkpoint,
     configuration,
     jsonio,
@@ -246,6 +248,7 @@ def restore(
         "rmse": float("inf") if early["best_rmse"] is None else float(early["best_rmse"]),
         "step": int(early["best_step"]),
         "params": snapshot(state["best_params"]),
+        "calibration": calibration.Calibration.from_dict(meta.get("calibration")),
     }
     log.info("resumed from %s at step %d (best step %d)", store.uri, meta["step"], best["step"])
     return state["params"], state["opt_state"], best, int(early["stale"]), int(meta["step"]) + 1
@@ -338,6 +341,15 @@ def layout_summary(layout: platform.Layout) -> dict[str, Any]:
     }
 
 
+def fit_calibration(
+    config: Any, spec: Any, val: dict[str, Any], step: int
+) -> calibration.Calibration | None:
+    """The conformal band of the parameters `val` scored, when config.train.calibration asks."""
+    if config.train.get("calibration", "none") != "conformal":
+        return None
+    return calibration.fit(val["outputs"], val["pred"], val["true"], spec.quantiles, step)
+
+
 def test_report(
     predict: Any,
     params: Any,
@@ -345,12 +357,14 @@ def test_report(
     mesh: Any,
     quantiles: Sequence[float] = (),
     microbatch: int = 0,
+    calibrated: calibration.Calibration | None = None,
 ) -> dict[str, Any] | None:
     """Scores on each test unit's last window and per-unit errors; None without test truth.
 
-    With p10 and p90 among the model's `quantiles`, also each unit's interval and
-    `test.coverage_p10_p90`, the share of units whose truth it covers (0.8 if calibrated): a
-    band that looks reasonable on a plot can still be badly over- or under-confident.
+    With a band (the `calibrated` one, else p10 and p90 among the model's `quantiles`), also each
+    unit's interval and `test.coverage_p10_p90`, the share of units whose truth it covers (0.8 if
+    calibrated): a band that looks reasonable on a plot can still be badly over- or
+    under-confident. With both, `test.coverage_p10_p90_raw` is the model's own band's.
     """
     if prepared.test is None or not np.isfinite(prepared.test.targets).any():
         return None
@@ -370,13 +384,24 @@ def test_report(
     if band is not None:
         low, high = result["outputs"][:, band[0]], result["outputs"][:, band[1]]
         scores["coverage_p10_p90"] = metrics.interval_coverage(low, high, result["true"])
+        if calibrated is not None:
+            scores["coverage_p10_p90_raw"] = scores.pop("coverage_p10_p90")
+    if calibrated is not None:
+        low, high = calibrated.bands(result["outputs"], result["pred"], quantiles)
+        scores["coverage_p10_p90"] = metrics.interval_coverage(low, high, result["true"])
+    if band is not None or calibrated is not None:
         for row, lo, hi in zip(per_unit, low, high, strict=True):
             row.update(p10=float(lo), p90=float(hi))
     return {"test": scores, "per_unit": per_unit}
 
 
 def write_plots(
-    run: Run, workdir: str, report: dict[str, Any], params: Any, test: bool = True
+    run: Run,
+    workdir: str,
+    report: dict[str, Any],
+    params: Any,
+    test: bool = True,
+    calibrated: calibration.Calibration | None = None,
 ) -> list[str]:
     """The report plots (`pdm_jax.report`) on process 0, when `config.train.plots` is on.
 
@@ -401,6 +426,7 @@ def write_plots(
             run.prepared.raw.test.unit_labels if test_windows is not None else (),
             run.prepared.scaler.features,
             explain_windows=test_windows if test_windows is not None else run.prepared.val,
+            calibrated=calibrated,
         )
     except Exception as err:  # never lose a finished run to a plot
         log.warning("plots not written: %s: %s", type(err).__name__, err)
@@ -446,15 +472,25 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
         "layout": layout_summary(run.layout),
         "data": run.prepared.summary(),
     }
+    calibrated = best["calibration"]
     if run.prepared.val is not None:
         val = evaluate(predict, params, run.prepared.val, run.mesh, chunk)
         report["val"] = {k: val[k] for k in ("rmse", "mae", "phm08", "count")}
-    scores = test_report(predict, params, run.prepared, run.mesh, run.spec.quantiles, chunk)
+        if calibrated is None:  # a format 1 checkpoint: fit the band here, as training would have
+            calibrated = fit_calibration(run.config, run.spec, val, best["step"])
+            if calibrated is not None:
+                calibrated = dataclasses.replace(calibrated, source="validation, at --mode=eval")
+                log.info("checkpoint holds no interval calibration; fitted one on validation")
+    if calibrated is not None:
+        report["calibration"] = calibrated.summary()
+    scores = test_report(
+        predict, params, run.prepared, run.mesh, run.spec.quantiles, chunk, calibrated
+    )
     report.update(scores or {})
     if run.primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
     log.info("eval: %s", json.dumps({k: report.get(k) for k in ("val", "test")}))
-    write_plots(run, workdir, report, best["params"])
+    write_plots(run, workdir, report, best["params"], calibrated=calibrated)
     return report
 
 
@@ -490,7 +526,12 @@ def train_and_evaluate(
         keep=config.checkpoint.keep,
         keep_best=bool(config.checkpoint.keep_best),
     )
-    best: dict[str, Any] = {"rmse": float("inf"), "step": 0, "params": snapshot(params)}
+    best: dict[str, Any] = {
+        "rmse": float("inf"),
+        "step": 0,
+        "params": snapshot(params),
+        "calibration": None,
+    }
     stale, first = 0, 1
     try:
         source = resume_source(store, config)
@@ -522,6 +563,7 @@ def train_and_evaluate(
             "scaler": prepared.scaler.to_dict(),
             "config": config.to_dict(),
             "fingerprint": prepared.fingerprint,
+            "calibration": None if best["calibration"] is None else best["calibration"].to_dict(),
         }
         store.save(step, state, meta, {"val_rmse": val_rmse} if val_rmse is not None else None)
 
@@ -569,6 +611,7 @@ def train_and_evaluate(
                         "rmse": val["rmse"],
                         "step": step,
                         "params": snapshot(eval_params(params, opt_state)),
+                        "calibration": fit_calibration(config, spec, val, step),
                     }
                     stale = 0
                 else:
@@ -578,6 +621,7 @@ def train_and_evaluate(
                     "rmse": float("nan"),
                     "step": step,
                     "params": snapshot(eval_params(params, opt_state)),
+                    "calibration": None,  # no validation units to fit a band on
                 }
             if evaluated:
                 record["best_step"] = best["step"]
@@ -620,10 +664,14 @@ def train_and_evaluate(
         "layout": layout_summary(layout),
         "data": prepared.summary(),
     }
+    if best["calibration"] is not None:
+        report["calibration"] = best["calibration"].summary()
     log.info("process %d: params sha256 %s", jax.process_index(), report["params_sha256"])
     if test:
         best_params = parallel.replicate(best["params"], mesh)
-        scored = test_report(predict, best_params, prepared, mesh, spec.quantiles, chunk)
+        scored = test_report(
+            predict, best_params, prepared, mesh, spec.quantiles, chunk, best["calibration"]
+        )
         if scored is not None:
             report.update(scored)
             writer.write(step, {f"test_{k}": v for k, v in report["test"].items()})
@@ -631,5 +679,5 @@ def train_and_evaluate(
     writer.close()
     if primary:
         jsonio.write_json(os.path.join(workdir, REPORT_FILE), report)
-    write_plots(run, workdir, report, best["params"], test=test)
+    write_plots(run, workdir, report, best["params"], test=test, calibrated=best["calibration"])
     return report

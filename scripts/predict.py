@@ -2,14 +2,16 @@
 
     python scripts/predict.py --checkpoint=URI --input=PATH [--input=PATH ...] --output=PATH
         [--step=best|latest|N] [--all_steps] [--batch_size=1024] [--dtype=float32|bfloat16]
-        [--chunk_rows=500000]
+        [--chunk_rows=500000] [--intervals=calibrated|raw]
 
 URI is a checkpoint store (local path, file://, gs://) or a run directory holding checkpoints/.
 Inputs are C-MAPSS text files (test_FD001.txt) or CSV/Parquet tables in the training run's
-column layout. The output (CSV or Parquet by extension) has `unit`, `time`, `rul_pred` and one
-`rul_pNN` per other model quantile. Inputs are read and predictions written a chunk of whole
-units at a time, so memory stays flat on inputs of any size. Progress on stderr; a bad input or
-checkpoint is one `error: ...` line and exit code 2, and leaves no output file behind.
+column layout. The output (CSV or Parquet by extension) has `unit`, `time`, `rul_pred`, one
+`rul_pNN` per other model quantile, and `rul_p10`/`rul_p90` as the p10-p90 band calibrated on
+the run's validation units (for point models too) when the checkpoint holds one. Inputs are
+read and predictions written a chunk of whole units at a time, so memory stays flat on inputs of
+any size. Progress on stderr; a bad input or checkpoint is one `error: ...` line and exit code 2,
+and leaves no output file behind.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="windows per chunk of a batch per device; auto: decided for this machine "
         "(chunks of 32 for the TFT on CPU), 0: the whole batch at once",
     )
+    parser.add_argument(
+        "--intervals",
+        choices=["calibrated", "raw"],
+        default="calibrated",
+        help="calibrated: the p10-p90 band fitted on the run's validation units (default; point "
+        "models too); raw: the model's own quantiles only",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser.parse_args(argv)
 
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=not args.quiet,
             chunk_rows=args.chunk_rows,
             microbatch=args.infer_microbatch,
+            intervals=args.intervals,
         )
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -4,6 +4,7 @@ Tests read the real benchmark from ../shared/data/cmapss (or $PDM_DATA_DIR); whe
 they fail with a clear message instead of skipping, because a skipped data test proves nothing.
 """
 
+import json
 import os
 import pathlib
 
@@ -65,3 +66,15 @@ def tiny_cnn_config(dropout: float | None = None):
     if dropout is not None:
         cfg.model.dropout = dropout
     return cfg
+
+
+def as_format_1(store: pathlib.Path) -> None:
+    """Rewrites a checkpoint store's metadata as format 1 wrote it (no interval calibration), so
+    tests can check that checkpoints from before format 2 still predict, evaluate and resume."""
+    files = list(store.glob("*/meta/metadata"))
+    assert files, f"no checkpoint steps in {store}"
+    for meta_file in files:
+        meta = json.loads(meta_file.read_text())
+        meta.pop("calibration")
+        meta["format_version"] = 1
+        meta_file.write_text(json.dumps(meta))

@@ -8,6 +8,7 @@ window with the best parameters: inference from the checkpoint alone must agree 
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import pytest
 from pdm_jax import predict
 from pdm_jax.data import cmapss
 from pdm_jax.errors import ConfigError, DataError
-from tests.conftest import REPO
+from tests.conftest import REPO, as_format_1
 from tests.test_parallel import _env
 
 pytest_plugins = ["tests.servers"]
@@ -106,13 +107,13 @@ def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_fil
     frame = predict.predict_files(
         str(runs["cnn"]), [test_file], out, devices=jax.local_devices()[:1]
     )
-    assert list(frame.columns) == ["unit", "time", "rul_pred"]
+    # A point model gets the p10-p90 band its run calibrated on the validation units.
+    assert list(frame.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     assert len(frame) == 100
     per_unit = report["per_unit"]
     assert frame["unit"].tolist() == [u["unit"] for u in per_unit] == list(range(1, 101))
-    np.testing.assert_allclose(
-        frame["rul_pred"], [u["pred"] for u in per_unit], rtol=1e-5, atol=1e-4
-    )
+    for column, key in (("rul_pred", "pred"), ("rul_p10", "p10"), ("rul_p90", "p90")):
+        np.testing.assert_allclose(frame[column], [u[key] for u in per_unit], rtol=1e-5, atol=1e-4)
     history = cmapss.read_history(test_file)
     last = history.groupby("unit", sort=False)["cycle"].max().to_numpy()
     np.testing.assert_array_equal(frame["time"], last)
@@ -186,14 +187,40 @@ def test_step_selection(runs, test_file):
 def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     report = _report(runs["tft"])
     out = tmp_path / "pred.parquet"
-    frame = predict.predict_files(f"file://{runs['tft']}", [test_file], out)
-    assert list(frame.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
+    raw = predict.predict_files(f"file://{runs['tft']}", [test_file], out, intervals="raw")
+    assert list(raw.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     np.testing.assert_allclose(
-        frame["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
+        raw["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
     )
-    inside = (frame["rul_p10"] <= frame["rul_pred"]) & (frame["rul_pred"] <= frame["rul_p90"])
+    inside = (raw["rul_p10"] <= raw["rul_pred"]) & (raw["rul_pred"] <= raw["rul_p90"])
     assert inside.mean() >= 0.9, inside.mean()
-    pd.testing.assert_frame_equal(pd.read_parquet(out), frame)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), raw)
+    # By default the band is the calibrated one the report scored, not the model's own.
+    frame = predict.predict_files(f"file://{runs['tft']}", [test_file])
+    assert list(frame.columns) == list(raw.columns)
+    pd.testing.assert_series_equal(frame["rul_pred"], raw["rul_pred"])
+    for column, key in (("rul_p10", "p10"), ("rul_p90", "p90")):
+        np.testing.assert_allclose(
+            frame[column], [u[key] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
+        )
+        assert not np.allclose(frame[column], raw[column])
+    assert report["calibration"]["step"] == report["best_step"]
+    assert {"coverage_p10_p90", "coverage_p10_p90_raw"} <= set(report["test"])
+
+
+def test_format_1_checkpoint_predicts_without_a_band(runs, test_file, tmp_path, caplog):
+    store = tmp_path / "checkpoints"
+    shutil.copytree(runs["cnn"] / "checkpoints", store)
+    as_format_1(store)
+    with caplog.at_level(logging.INFO, logger="pdm_jax.predict"):
+        frame = predict.predict_files(str(store), [test_file], devices=jax.local_devices()[:1])
+    assert list(frame.columns) == ["unit", "time", "rul_pred"]
+    np.testing.assert_allclose(
+        frame["rul_pred"], [u["pred"] for u in _report(runs["cnn"])["per_unit"]], atol=1e-4
+    )
+    assert "no calibrated p10-p90 band: checkpoint format 1 holds none" in caplog.text
+    raw = predict.predict_files(str(runs["cnn"]), [test_file], intervals="raw")
+    assert list(raw.columns) == ["unit", "time", "rul_pred"]
 
 
 def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplog):
@@ -246,7 +273,7 @@ def test_several_inputs_are_told_apart_by_file(runs, test_file, tmp_path):
     part = tmp_path / "part.parquet"
     history[history["unit"] <= 3].to_parquet(part)
     frame = predict.predict_files(str(runs["cnn"]), [test_file, part], show_progress=False)
-    assert list(frame.columns) == ["file", "unit", "time", "rul_pred"]
+    assert list(frame.columns) == ["file", "unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     assert frame["file"].value_counts().to_dict() == {test_file: 100, str(part): 3}
     ours = frame[frame["file"] == str(part)].reset_index(drop=True)
     theirs = frame[frame["file"] == test_file].head(3).reset_index(drop=True)
@@ -261,6 +288,7 @@ def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tm
         f"--output={out}",
         "--all_steps",
         "--batch_size=1001",  # rounded up to 1008, a multiple of the 8 devices
+        "--intervals=raw",  # the model's own outputs: a point model has no band then
         devices=8,
     )
     assert proc.returncode == 0, proc.stderr
@@ -269,6 +297,7 @@ def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tm
     frame = pd.read_parquet(out)
     one = predict.predict_files(str(runs["cnn"]), [test_file], all_steps=True, show_progress=False)
     assert list(frame.columns) == ["unit", "time", "rul_pred"]
+    assert list(one.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     np.testing.assert_array_equal(frame[["unit", "time"]], one[["unit", "time"]])
     np.testing.assert_allclose(frame["rul_pred"], one["rul_pred"], rtol=1e-5, atol=1e-4)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax import metrics, report, train
+from pdm_jax import configuration, metrics, report, train
+from pdm_jax.errors import ConfigError
 from tests.conftest import load_config, tiny_cnn_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -154,9 +155,27 @@ def test_training_writes_the_plots(tmp_path):
     assert plots == ["curves.png", "error_hist.png", "pred_vs_true.png", "trajectories.png"]
     for name in plots:
         assert_real_png(tmp_path / "plots" / name)
-    # A point model has no interval: no coverage, no per-unit p10/p90.
-    assert "coverage_p10_p90" not in result["test"]
-    assert "p10" not in result["per_unit"][0]
+    # A point model gets its band from the validation units (split conformal): the report
+    # scores it on the test units like a quantile model's.
+    units = result["per_unit"]
+    inside = [u["p10"] <= u["true"] <= u["p90"] for u in units]
+    assert result["test"]["coverage_p10_p90"] == pytest.approx(np.mean(inside))
+    assert "coverage_p10_p90_raw" not in result["test"]  # no band of its own to compare
+    assert all(u["p10"] <= u["pred"] <= u["p90"] for u in units)
+    assert result["calibration"]["step"] == result["best_step"]
+    assert sum(b["windows"] for b in result["calibration"]["bins"]) > 0
+
+
+def test_calibration_none_leaves_a_point_model_without_a_band():
+    cfg = load_config("cnn_bilstm")
+    val = {"outputs": np.zeros((300, 1)), "pred": np.zeros(300), "true": np.ones(300)}
+    spec = train.layers.spec_from_config(cfg.model, 14, 30)
+    assert train.fit_calibration(cfg, spec, val, 5).step == 5
+    cfg.train.calibration = "none"
+    assert train.fit_calibration(cfg, spec, val, 5) is None
+    cfg.train.calibration = "isotonic"
+    with pytest.raises(ConfigError, match=r"^config.train.calibration: expected one of"):
+        configuration.validate(cfg)
 
 
 def test_tft_run_reports_coverage_and_explains_itself(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pdm_jax import checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, as_format_1
 from tests.test_parallel import _env, _free_port, _losses
 
 pytest_plugins = ["tests.servers"]
@@ -118,6 +118,7 @@ def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, reference):
     assert report["resumed_from_step"] == resumed_at
     assert report["params_sha256"] == ref_report["params_sha256"]
     assert report["test"] == ref_report["test"]
+    assert report["calibration"] == ref_report["calibration"]  # restored with the best params
     # metrics.jsonl continues without duplicated or missing steps, with the same numbers.
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
@@ -308,6 +309,26 @@ def test_eval_mode_scores_the_best_checkpoint_like_the_training_run(
     assert report["best_step"] == trained["best_step"]
     assert report["test"] == trained["test"] and report["per_unit"] == trained["per_unit"]
     assert report["val"]["rmse"] == pytest.approx(trained["val_rmse"], rel=1e-6)
+    assert report["calibration"] == trained["calibration"]  # the band the checkpoint holds
+
+
+def test_format_1_checkpoint_evaluates_with_a_band_fitted_again_and_resumes(
+    tmp_path, reference, reference_workdir
+):
+    """Checkpoints from before format 2 hold no calibration: --mode=eval fits the same band
+    on the validation units, and training resumes from them."""
+    trained, _ = reference
+    shutil.copytree(reference_workdir, tmp_path, dirs_exist_ok=True)
+    as_format_1(tmp_path / "checkpoints")
+    proc = _start(tmp_path, extra=["--mode=eval"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    refit = {**trained["calibration"], "source": "validation, at --mode=eval"}
+    assert report["calibration"] == refit
+    assert report["test"] == trained["test"] and report["per_unit"] == trained["per_unit"]
+    resumed = _run(tmp_path, steps=STEPS + 10)
+    assert resumed["resumed_from_step"] == STEPS and resumed["steps"] == STEPS + 10
 
 
 def test_eval_mode_without_a_checkpoint_is_one_line_exit_2(tmp_path):

@@ -1,0 +1,95 @@
+"""Split-conformal p10-p90 bands (pdm_jax/calibration.py): fitted on one sample of held-out
+predictions, they must cover about 80 % of a fresh sample from the same source, a tenth missed
+on each side, whether the raw band was too narrow, too wide or (a point model) absent."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pdm_jax import calibration
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def _sample(n: int, seed: int, raw_halfwidth: float = 0.0):
+    """Heteroscedastic RUL predictions: errors grow with the RUL, as on C-MAPSS (a few cycles
+    near failure, tens at the cap). Outputs are [p10, p50, p90] with the given raw half-width
+    relative to each point's noise scale."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(0, 125, n)
+    scale = 2.0 + 0.15 * true
+    point = true + rng.normal(0, 1, n) * scale + 1.5  # slightly late, as models tend to be
+    outputs = np.stack(
+        [point - raw_halfwidth * scale, point, point + raw_halfwidth * scale], axis=1
+    )
+    return outputs, point, true
+
+
+def _coverage(low, high, true):
+    return float(((low <= true) & (true <= high)).mean())
+
+
+@pytest.mark.parametrize(
+    ("quantiles", "raw_halfwidth"),
+    [
+        ((), 0.0),  # a point model: the band is built from nothing
+        (QUANTILES, 0.3),  # over-confident quantiles (raw covers ~24 %)
+        (QUANTILES, 3.0),  # over-cautious quantiles (raw covers ~99.7 %)
+    ],
+)
+def test_fitted_band_covers_eighty_percent_of_fresh_units(quantiles, raw_halfwidth):
+    fit_out, fit_point, fit_true = _sample(20_000, 0, raw_halfwidth)
+    cal = calibration.fit(fit_out, fit_point, fit_true, quantiles, step=300)
+    out, point, true = _sample(20_000, 1, raw_halfwidth)
+    low, high = cal.bands(out, point, quantiles)
+    assert 0.78 <= _coverage(low, high, true) <= 0.82
+    assert 0.08 <= float((true < low).mean()) <= 0.12  # a tenth below, a tenth above
+    assert 0.08 <= float((true > high).mean()) <= 0.12
+    assert (low <= high).all() and (low >= 0).all()
+    if quantiles:
+        raw_low, raw_high = out[:, 0], out[:, 2]
+        raw = _coverage(raw_low, raw_high, true)
+        assert raw < 0.5 if raw_halfwidth < 1 else raw > 0.99  # what calibration fixed
+
+
+def test_bins_keep_bands_narrow_near_failure_and_honest_far_from_it():
+    fit_out, fit_point, fit_true = _sample(20_000, 0)
+    binned = calibration.fit(fit_out, fit_point, fit_true, (), step=1)
+    single = calibration.fit(fit_out, fit_point, fit_true, (), step=1, max_bins=1)
+    assert len(binned.edges) == calibration.MAX_BINS - 1 and single.edges == ()
+    out, point, true = _sample(20_000, 1)
+    near, far = point < 30, point > 95  # bins are by prediction: what is known at use
+    for cal, ok_far in ((binned, True), (single, False)):
+        low, high = cal.bands(out, point, ())
+        far_coverage = _coverage(low[far], high[far], true[far])
+        assert (0.75 <= far_coverage <= 0.85) is ok_far  # one shift for all under-covers here
+    low, high = binned.bands(out, point, ())
+    width = high - low
+    assert np.median(width[near]) < 0.5 * np.median(width[far])
+
+
+def test_finite_sample_quantile_is_conservative():
+    scores = np.arange(1.0, 10.0)  # 9 held-out misses
+    # ceil((9 + 1) * 0.9) = 9th smallest: with n = 9 a 10 % miss needs the largest score.
+    assert calibration.conformal_quantile(scores, 0.1) == 9.0
+    assert calibration.conformal_quantile(scores, 0.5) == 5.0
+
+
+def test_many_equal_predictions_merge_empty_bins():
+    true = np.linspace(0, 125, 1000)
+    point = np.where(true > 60, 125.0, true)  # most predictions sit at the cap
+    cal = calibration.fit(point[:, None], point, true, (), step=7)
+    assert len(set(cal.edges)) == len(cal.edges)
+    assert all(n > 0 for n in cal.counts) and sum(cal.counts) == 1000
+
+
+def test_round_trip_through_json_and_absence():
+    out, point, true = _sample(2000, 0, 0.5)
+    cal = calibration.fit(out, point, true, QUANTILES, step=42)
+    back = calibration.Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back == cal
+    assert calibration.Calibration.from_dict(None) is None
+    summary = cal.summary()
+    assert summary["step"] == 42 and sum(b["windows"] for b in summary["bins"]) == 2000
+    assert calibration.fit(out, point, np.full(2000, np.nan), QUANTILES, step=1) is None
