@@ -347,7 +347,8 @@ def fit_calibration(
     """The conformal band of the parameters `val` scored, when config.train.calibration asks."""
     if config.train.get("calibration", "none") != "conformal":
         return None
-    return calibration.fit(val["outputs"], val["pred"], val["true"], spec.quantiles, step)
+    cap = float(config.data.rul_cap or 0.0)
+    return calibration.fit(val["outputs"], val["pred"], val["true"], spec.quantiles, step, cap=cap)
 
 
 def test_report(

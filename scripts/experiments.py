@@ -260,6 +260,7 @@ def summarize(plan: Sequence[Row], results: Mapping[str, Record]) -> list[dict[s
         rmse = [v for v in (_finite(r.get("test_rmse")) for r in done) if v is not None]
         phm08 = [v for v in (_finite(r.get("test_phm08")) for r in done) if v is not None]
         train_s = [v for v in (_finite(r.get("train_seconds")) for r in done) if v is not None]
+        cover = [v for v in (_finite(r.get("test_coverage")) for r in done) if v is not None]
         scored = [r for r in done if _finite(r.get("test_rmse")) is not None]
         worst = max(scored, key=lambda r: r["test_rmse"]) if scored else None
         summary.append(
@@ -275,6 +276,7 @@ def summarize(plan: Sequence[Row], results: Mapping[str, Record]) -> list[dict[s
                 "worst": worst,
                 "worst_text": (f"{_seed_label(worst)} ({worst['test_rmse']:.2f})" if worst else NA),
                 "train_seconds_text": _fmt(statistics.fmean(train_s), 0) if train_s else NA,
+                "coverage_text": f"{statistics.fmean(cover):.0%}" if cover else NA,
             }
         )
     return summary
@@ -303,10 +305,12 @@ def render_markdown(
         "## Summary",
         "",
         "Test RMSE and PHM08 score: mean ± sample standard deviation over the finished seeds "
-        "(± omitted for a single seed); worst seed = highest test RMSE.",
+        "(± omitted for a single seed); worst seed = highest test RMSE; p10-p90 coverage: mean "
+        "share of test units inside their band (80 % when calibrated).",
         "",
-        "| group | note | n | test RMSE | PHM08 score | worst seed (RMSE) | mean train s |",
-        "|---|---|---|---|---|---|---|",
+        "| group | note | n | test RMSE | PHM08 score | worst seed (RMSE) | p10-p90 coverage "
+        "| mean train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in summarize(plan, results):
         lines.append(
@@ -320,6 +324,7 @@ def render_markdown(
                     entry["rmse_text"],
                     entry["phm08_text"],
                     entry["worst_text"],
+                    entry["coverage_text"],
                     entry["train_seconds_text"],
                 )
             )
@@ -329,14 +334,14 @@ def render_markdown(
         "",
         "## Runs",
         "",
-        "| id | group | status | test RMSE | test MAE | PHM08 | val RMSE | best step / steps "
-        "| train s | wall s | finished (UTC) | host | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| id | group | status | test RMSE | test MAE | PHM08 | p10-p90 cover | val RMSE "
+        "| best step / steps | train s | wall s | finished (UTC) | host | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in plan:
         record = results.get(row["id"])
         if record is None:
-            cells = [row["id"], row["group"], "pending", *[NA] * 10]
+            cells = [row["id"], row["group"], "pending", *[NA] * 11]
         else:
             cells = [
                 row["id"],
@@ -345,6 +350,7 @@ def render_markdown(
                 _fmt(record.get("test_rmse"), 2),
                 _fmt(record.get("test_mae"), 2),
                 _fmt(record.get("test_phm08"), 1),
+                _fmt(record.get("test_coverage"), 2),
                 _fmt(record.get("val_rmse"), 2),
                 f"{record.get('best_step', NA)} / {record.get('steps', NA)}",
                 _fmt(record.get("train_seconds"), 0),
@@ -518,6 +524,7 @@ def make_record(
         "test_mae": _finite(test.get("mae")),
         "test_phm08": _finite(test.get("phm08")),
         "test_count": test.get("count"),
+        "test_coverage": _finite(test.get("coverage_p10_p90")),
         "val_rmse": _finite(report.get("val_rmse")),
         "best_step": report.get("best_step"),
         "steps": report.get("steps"),

@@ -93,3 +93,29 @@ def test_round_trip_through_json_and_absence():
     summary = cal.summary()
     assert summary["step"] == 42 and sum(b["windows"] for b in summary["bins"]) == 2000
     assert calibration.fit(out, point, np.full(2000, np.nan), QUANTILES, step=1) is None
+
+
+def _capped(n: int, seed: int, healthy: float):
+    """Validation-like windows: a `healthy` share of early life, truth clamped at the 125 cap
+    and predicted near it; the rest degrading, with errors that grow with the RUL."""
+    rng = np.random.default_rng(seed)
+    true = np.where(rng.uniform(size=n) < healthy, 125.0, rng.uniform(0, 125, n))
+    point = np.minimum(true + rng.normal(0, 1, n) * (2.0 + 0.15 * true), 130.0)
+    return point[:, None], point, true
+
+
+def test_windows_at_the_cap_do_not_narrow_the_lower_side():
+    """Validation units bring all their healthy life (truth at the cap, predicted there); test
+    units cut part way through it mostly do not. The lower shift must come from the degrading
+    windows, or units predicted near the cap fall under their band."""
+    fit_out, fit_point, fit_true = _capped(20_000, 0, healthy=0.4)
+    out, point, true = _capped(20_000, 1, healthy=0.05)  # test-like: few at the cap
+    near_cap = point > 110
+    coverage = {}
+    for cap in (0.0, 125.0):
+        cal = calibration.fit(fit_out, fit_point, fit_true, (), step=1, cap=cap)
+        low, high = cal.bands(out, point, ())
+        coverage[cap] = _coverage(low[near_cap], high[near_cap], true[near_cap])
+        overall = _coverage(low, high, true)
+    assert coverage[0.0] < 0.7 and coverage[125.0] >= 0.75, coverage
+    assert 0.75 <= overall <= 0.9

@@ -220,8 +220,9 @@ def test_table_summary_is_exact_on_hand_made_results():
         {"id": "m-FD003-s0", "config": "c.py", "overrides": {}, "group": "m FD003"},
     ]
 
-    def rec(row_id, seed, rmse, phm08, train_s):
+    def rec(row_id, seed, rmse, phm08, train_s, coverage=None):
         return {
+            "test_coverage": coverage,
             "id": row_id,
             "seed": seed,
             "test_rmse": rmse,
@@ -239,9 +240,9 @@ def test_table_summary_is_exact_on_hand_made_results():
         }
 
     results = {
-        "m-FD001-s0": rec("m-FD001-s0", 0, 10.0, 100.0, 100.0),
-        "m-FD001-s1": rec("m-FD001-s1", 1, 14.0, 300.0, 200.0),
-        "m-FD001-s2": rec("m-FD001-s2", 2, 12.0, 200.0, 300.0),
+        "m-FD001-s0": rec("m-FD001-s0", 0, 10.0, 100.0, 100.0, 0.75),
+        "m-FD001-s1": rec("m-FD001-s1", 1, 14.0, 300.0, 200.0, 0.81),
+        "m-FD001-s2": rec("m-FD001-s2", 2, 12.0, 200.0, 300.0),  # from before calibration
         "m-FD002-s1": rec("m-FD002-s1", 1, 20.125, 1234.56, 50.0),
         "gone-s0": rec("gone-s0", 0, 1.0, 1.0, 1.0),
     }
@@ -257,11 +258,11 @@ def test_table_summary_is_exact_on_hand_made_results():
 
     text = experiments.render_markdown("p", plan, results, {"m-FD003-s0": "python -m x"})
     assert text == experiments.render_markdown("p", plan, results, {"m-FD003-s0": "python -m x"})
-    assert "| m FD001 |  | 3/3 | 12.00 ± 2.00 | 200.0 ± 100.0 | s1 (14.00) | 200 |" in text
-    assert "| m FD002 | x | 1/2 | 20.12 | 1234.6 | s1 (20.12) | 50 |" in text
-    assert "| m FD003 |  | 0/1 | - | - | - | - |" in text
+    assert "| m FD001 |  | 3/3 | 12.00 ± 2.00 | 200.0 ± 100.0 | s1 (14.00) | 78% | 200 |" in text
+    assert "| m FD002 | x | 1/2 | 20.12 | 1234.6 | s1 (20.12) | - | 50 |" in text
+    assert "| m FD003 |  | 0/1 | - | - | - | - | - |" in text
     assert (
-        "| m-FD001-s1 | m FD001 | done | 14.00 | 7.00 | 300.0 | 1.00 | 10 / 20 | 200 | 205 "
+        "| m-FD001-s1 | m FD001 | done | 14.00 | 7.00 | 300.0 | 0.81 | 1.00 | 10 / 20 | 200 | 205 "
         "| 2025-01-02 03:04:05 | h | 0123456789ab |"
     ) in text
     assert "| m-FD002-s0 | m FD002 | pending | - |" in text
