@@ -248,7 +248,10 @@ def restore(
         "rmse": float("inf") if early["best_rmse"] is None else float(early["best_rmse"]),
         "step": int(early["best_step"]),
         "params": snapshot(state["best_params"]),
-        "calibration": calibration.Calibration.from_dict(meta.get("calibration")),
+        # Calibration is a resumable change: a run resumed with it off reports no band.
+        "calibration": calibration.Calibration.from_dict(meta.get("calibration"))
+        if config.train.get("calibration", "none") == "conformal"
+        else None,
     }
     log.info("resumed from %s at step %d (best step %d)", store.uri, meta["step"], best["step"])
     return state["params"], state["opt_state"], best, int(early["stale"]), int(meta["step"]) + 1
