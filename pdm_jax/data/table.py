@@ -55,9 +55,17 @@ class RunTable:
         codes = np.asarray(codes, dtype=np.int64)
         remap = np.full(self.num_units, -1, dtype=np.int64)
         remap[codes] = np.arange(len(codes))
-        frame = self.frame[remap[self.frame[UNIT].to_numpy()] >= 0].copy()
-        frame[UNIT] = remap[frame[UNIT].to_numpy()]
-        frame = frame.sort_values([UNIT, TIME], kind="stable").reset_index(drop=True)
+        new_codes = remap[self.frame[UNIT].to_numpy()]
+        rows = np.flatnonzero(new_codes >= 0)
+        new_codes = new_codes[rows]
+        # Most selections (the train/validation split) keep the units in order: then the rows
+        # are already sorted, and skipping the sort saves two copies of the table at its peak.
+        if len(rows) > 1 and (np.diff(new_codes) < 0).any():
+            rows = rows[np.argsort(new_codes, kind="stable")]  # blocks stay in time order
+            new_codes = remap[self.frame[UNIT].to_numpy()[rows]]
+        frame = self.frame.take(rows)  # a new frame (copy-on-write pandas: no copy warning)
+        frame[UNIT] = new_codes
+        frame = frame.reset_index(drop=True)
         return RunTable(
             frame=frame,
             settings=self.settings,

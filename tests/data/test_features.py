@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pdm_jax.data import cmapss, dataset, features, synthetic
@@ -109,3 +110,29 @@ def test_synthetic_multi_condition_found():
     raw = synthetic.generate(num_units=30, num_conditions=6, seed=3)
     scaler = features.fit_scaler(raw.train, raw.train.sensors, "auto")
     assert scaler.num_conditions == 6
+
+
+def test_scaling_in_row_blocks_is_bitwise_the_whole_table_at_once(cmapss_dir, monkeypatch):
+    """Blocks bound preparation memory (a 100k-unit table no longer peaks at ~10x its scaled
+    features); they must not change a single bit of the scaler or the features."""
+    data = cmapss.load_cmapss("FD004", cmapss_dir)
+    monkeypatch.setattr(features, "TRANSFORM_ROWS", 1 << 30)
+    whole = features.fit_scaler(data.train, cmapss.INFORMATIVE_SENSORS, "auto")
+    x_whole = whole.transform(data.test.frame)
+    monkeypatch.setattr(features, "TRANSFORM_ROWS", 997)  # many blocks, a ragged last one
+    blocks = features.fit_scaler(data.train, cmapss.INFORMATIVE_SENSORS, "auto")
+    assert json.dumps(blocks.to_dict()) == json.dumps(whole.to_dict())
+    assert blocks.transform(data.test.frame).tobytes() == x_whole.tobytes()
+    frame = data.train.frame
+    np.testing.assert_array_equal(blocks.conditions(frame), whole.conditions(frame))
+
+
+def test_select_units_renumbers_in_the_given_order(cmapss_dir):
+    table = cmapss.load_cmapss("FD001", cmapss_dir).train
+    for codes in (np.array([3, 7, 8, 40]), np.array([40, 3, 8, 7])):
+        picked = table.select_units(codes)
+        expected = pd.concat(
+            [table.frame[table.frame["unit"] == c].assign(unit=i) for i, c in enumerate(codes)]
+        ).reset_index(drop=True)
+        pd.testing.assert_frame_equal(picked.frame, expected)
+        np.testing.assert_array_equal(picked.unit_labels, table.unit_labels[codes])
