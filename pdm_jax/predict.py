@@ -331,6 +331,12 @@ def _calibration(meta: dict[str, Any], params_step: int, saved: Saved) -> Calibr
     once: a band fitted for other parameters would claim a coverage it does not have."""
     fitted = Calibration.from_dict(meta.get("calibration"))
     if fitted is not None and fitted.step == params_step:
+        log.info(
+            "p10-p90 band: split-conformal, fitted on %s (%d windows) for step %d",
+            fitted.source,
+            sum(fitted.counts),
+            fitted.step,
+        )
         return fitted
     if fitted is None:
         why = (

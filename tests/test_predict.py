@@ -219,6 +219,10 @@ def test_format_1_checkpoint_predicts_without_a_band(runs, test_file, tmp_path, 
         frame["rul_pred"], [u["pred"] for u in _report(runs["cnn"])["per_unit"]], atol=1e-4
     )
     assert "no calibrated p10-p90 band: checkpoint format 1 holds none" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pdm_jax.predict"):
+        predict.load(str(runs["cnn"]), devices=jax.local_devices()[:1])
+    assert "p10-p90 band: split-conformal, fitted on validation (" in caplog.text
     raw = predict.predict_files(str(runs["cnn"]), [test_file], intervals="raw")
     assert list(raw.columns) == ["unit", "time", "rul_pred"]
 
