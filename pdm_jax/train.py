@@ -670,6 +670,13 @@ def train_and_evaluate(
     }
     if best["calibration"] is not None:
         report["calibration"] = best["calibration"].summary()
+    elif config.train.get("calibration", "none") == "conformal":
+        log.info(
+            "no calibrated p10-p90 band: %s",
+            "no validation units to fit one on (data.val_fraction=0)"
+            if prepared.val is None
+            else "none fitted since this run resumed from a format 1 checkpoint",
+        )
     log.info("process %d: params sha256 %s", jax.process_index(), report["params_sha256"])
     if test:
         best_params = parallel.replicate(best["params"], mesh)

@@ -178,14 +178,18 @@ def test_calibration_none_leaves_a_point_model_without_a_band():
         configuration.validate(cfg)
 
 
-def test_tft_run_reports_coverage_and_explains_itself(tmp_path):
+def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog):
     cfg = tiny_run(load_config("tft"))
     cfg.data.val_fraction = 0.0  # no validation: one predict compile fewer (the CNN run has it)
     cfg.model.tft.hidden = 8
     cfg.model.tft.heads = 2
     cfg.model.tft.var_hidden = 4
-    train.train_and_evaluate(cfg, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="pdm_jax.train"):
+        train.train_and_evaluate(cfg, str(tmp_path))
     saved = json.loads((tmp_path / "report.json").read_text())
+    # No validation units, no calibration: the band is the model's own quantiles, and says so.
+    assert "calibration" not in saved and "coverage_p10_p90_raw" not in saved["test"]
+    assert "no calibrated p10-p90 band: no validation units" in caplog.text
     coverage = saved["test"]["coverage_p10_p90"]
     units = saved["per_unit"]
     inside = [u["p10"] <= u["true"] <= u["p90"] for u in units]
