@@ -248,10 +248,7 @@ def restore(
         "rmse": float("inf") if early["best_rmse"] is None else float(early["best_rmse"]),
         "step": int(early["best_step"]),
         "params": snapshot(state["best_params"]),
-        # Calibration is a resumable change: a run resumed with it off reports no band.
-        "calibration": calibration.Calibration.from_dict(meta.get("calibration"))
-        if config.train.get("calibration", "none") == "conformal"
-        else None,
+        "calibration": saved_calibration(meta, config),
     }
     log.info("resumed from %s at step %d (best step %d)", store.uri, meta["step"], best["step"])
     return state["params"], state["opt_state"], best, int(early["stale"]), int(meta["step"]) + 1
@@ -342,6 +339,14 @@ def layout_summary(layout: platform.Layout) -> dict[str, Any]:
         "infer_microbatch": layout.infer_microbatch,
         "processes": jax.process_count(),
     }
+
+
+def saved_calibration(meta: dict[str, Any], config: Any) -> calibration.Calibration | None:
+    """The band a checkpoint holds, unless config.train.calibration is now 'none' (a resumable
+    change: a run resumed or evaluated with it off reports no band); None before format 2."""
+    if config.train.get("calibration", "none") != "conformal":
+        return None
+    return calibration.Calibration.from_dict(meta.get("calibration"))
 
 
 def fit_calibration(

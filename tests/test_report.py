@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax import configuration, metrics, report, train
+from pdm_jax import calibration, configuration, metrics, report, train
 from pdm_jax.errors import ConfigError
 from tests.conftest import load_config, tiny_cnn_config
 
@@ -176,6 +176,16 @@ def test_calibration_none_leaves_a_point_model_without_a_band():
     cfg.train.calibration = "isotonic"
     with pytest.raises(ConfigError, match=r"^config.train.calibration: expected one of"):
         configuration.validate(cfg)
+
+
+def test_a_checkpoints_band_is_dropped_when_calibration_is_off():
+    cfg = load_config("cnn_bilstm")
+    cal = calibration.Calibration((0.1, 0.9), (50.0,), (1.0, 2.0), (3.0, 4.0), (10, 20), step=7)
+    meta = {"calibration": cal.to_dict()}
+    assert train.saved_calibration(meta, cfg) == cal
+    assert train.saved_calibration({}, cfg) is None  # format 1: none saved
+    cfg.train.calibration = "none"  # resumed or evaluated with it off: no band reported
+    assert train.saved_calibration(meta, cfg) is None
 
 
 def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog):

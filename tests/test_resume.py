@@ -331,16 +331,6 @@ def test_format_1_checkpoint_evaluates_with_a_band_fitted_again_and_resumes(
     assert resumed["resumed_from_step"] == STEPS and resumed["steps"] == STEPS + 10
 
 
-def test_eval_mode_with_calibration_off_reports_no_band(tmp_path, reference_workdir):
-    shutil.copytree(reference_workdir, tmp_path, dirs_exist_ok=True)
-    proc = _start(tmp_path, extra=["--mode=eval", "--config.train.calibration=none"])
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert "calibration" not in report and "coverage_p10_p90" not in report["test"]
-    assert "p10" not in report["per_unit"][0]
-
-
 def test_eval_mode_without_a_checkpoint_is_one_line_exit_2(tmp_path):
     proc = _start(tmp_path, extra=["--mode=eval"])
     out, _ = proc.communicate(timeout=300)
