@@ -97,7 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_accum = auto()
     train.learning_rate = 1e-3
     train.weight_decay = 1e-4  # AdamW's decoupled weight decay
-    train.ema_decay = 0.0  # > 0: evaluate, select and report a Polyak average of the params
+    # > 0: evaluate, select and report a Polyak average of the params. Its decay warms up as
+    # min(ema_decay, (1 + t) / (10 + t)), so until step ~10 / (1 - ema_decay) (5,000 at 0.998)
+    # the average spans roughly the last t / 10 steps whatever the setting.
+    train.ema_decay = 0.0
     train.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
     train.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', after linear warm-up
     train.warmup_steps = 100
