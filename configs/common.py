@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (a point model's: its prediction) by split-conformal quantiles fitted on validation units
     # with each best step and saved in the checkpoint; 'none' leaves the model's own quantiles.
     train.calibration = "conformal"
+    # What early stopping and best-step selection score on the validation units: 'all' windows, or
+    # only the 'degrading' ones (truth below data.rul_cap), leaving out the healthy early life
+    # that test units cut part way through their life mostly lack.
+    train.select_on = "all"
     train.patience = 10  # evaluations without improvement before early stopping
     train.eval_every = 200
     train.log_every = 50  # steps between train-loss lines in metrics.jsonl / TensorBoard

@@ -594,6 +594,7 @@ def _abstract(x: Any) -> Any:
 ADDED_KEYS: dict[str, Any] = {
     "data.min_history": 0,
     "model.target_offset": 0.0,
+    "train.select_on": "all",
 }
 
 

@@ -16,6 +16,8 @@ from pdm_jax.data.sources import SOURCES
 from pdm_jax.data.validate import NAN_POLICIES
 from pdm_jax.errors import ConfigError
 
+SELECT_ON = ("all", "degrading")
+
 MODELS = ("tft", "cnn_bilstm")
 SCHEDULES = ("cosine", "linear", "constant")
 # The repository's configs/ (an editable install; installed elsewhere, pass a path).
@@ -173,6 +175,12 @@ def validate(config: Any) -> None:
         "train.calibration",
         f"one of {calibration.METHODS}",
         train.get("calibration"),
+    )
+    _require(
+        train.get("select_on", "all") in SELECT_ON,
+        "train.select_on",
+        f"one of {SELECT_ON}",
+        train.get("select_on"),
     )
     _require(train.schedule in SCHEDULES, "train.schedule", f"one of {SCHEDULES}", train.schedule)
     for key in ("warmup_steps", "schedule_steps", "patience", "num_epochs"):

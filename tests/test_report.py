@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax import calibration, configuration, metrics, report, train
+from pdm_jax import calibration, checkpoint, configuration, metrics, report, train
 from pdm_jax.errors import ConfigError
 from tests.conftest import load_config, tiny_cnn_config
 
@@ -150,7 +150,14 @@ def tiny_run(cfg, steps: int = 4):
 
 def test_training_writes_the_plots(tmp_path):
     cfg = tiny_run(tiny_cnn_config())
+    cfg.train.select_on = "degrading"
     result = train.train_and_evaluate(cfg, str(tmp_path))
+    # Selection scored the windows below the cap: the best step is the one where that was lowest.
+    evals = [r for r in summaries_rows(tmp_path) if "val_rmse" in r]
+    assert all(r["val_rmse_degrading"] != r["val_rmse"] for r in evals)
+    best = min(evals, key=lambda r: r["val_rmse_degrading"])
+    assert result["select_on"] == "degrading" and result["best_step"] == best["step"]
+    assert result["val_rmse"] == pytest.approx(best["val_rmse_degrading"])
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert plots == ["curves.png", "error_hist.png", "pred_vs_true.png", "trajectories.png"]
     for name in plots:
@@ -164,6 +171,29 @@ def test_training_writes_the_plots(tmp_path):
     assert all(u["p10"] <= u["pred"] <= u["p90"] for u in units)
     assert result["calibration"]["step"] == result["best_step"]
     assert sum(b["windows"] for b in result["calibration"]["bins"]) > 0
+
+
+def summaries_rows(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_degrading_rmse_leaves_out_windows_at_the_cap():
+    true = np.array([125.0, 125.0, 80.0, 20.0])
+    val = {"pred": np.array([125.0, 125.0, 90.0, 10.0]), "true": true, "rmse": 7.07}
+    assert train.degrading_rmse(val, 125.0) == pytest.approx(10.0)
+    assert train.degrading_rmse(val, 0.0) == 7.07  # uncapped: every window counts
+    assert train.degrading_rmse({**val, "true": np.full(4, 125.0)}, 125.0) == 7.07
+    cfg = load_config("cnn_bilstm")
+    cfg.train.select_on = "best"
+    with pytest.raises(ConfigError, match=r"^config.train.select_on: expected one of"):
+        configuration.validate(cfg)
+    # Checkpoints from before the key select on all windows, as the default does.
+    saved = load_config("cnn_bilstm").to_dict()
+    del saved["train"]["select_on"]
+    cfg.train.select_on = "all"
+    assert checkpoint.config_differences(saved, cfg.to_dict()) == []
+    cfg.train.select_on = "degrading"
+    assert checkpoint.config_differences(saved, cfg.to_dict()) == ["train.select_on"]
 
 
 def test_calibration_none_leaves_a_point_model_without_a_band():
