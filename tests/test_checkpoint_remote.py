@@ -188,22 +188,29 @@ def test_storage_outage_mid_save_is_a_warning_and_the_next_save_works(
             # The array writes failed for good while it was down; the server is back before
             # the fsspec clients give up on their metadata writes (~8 s s3fs, ~30 s gcsfs).
             server.start()
-            assert store.wait(timeout_s=120) is False
-        assert store.latest_step() == 1
+            step_2_saved = store.wait(timeout_s=120)
+        # Step 2 either failed (its array writes hit the outage) or, when its arrays were all
+        # written before the stop (seen on gs on a quiet machine), completed once the server
+        # was back (gcsfs retries its metadata writes for ~30 s): never anything in between.
+        survivor = store.latest_step()
+        assert survivor in (1, 2)
+        if server.scheme != "az":
+            assert step_2_saved is (survivor == 2)
         assert store.save(5, state, META) and store.wait()
-        assert store.all_steps() == [1, 5]
+        assert store.all_steps() == [survivor, 5]
     finally:
         store.close()
     messages = warnings_of(caplog)
-    assert any(m.startswith("checkpoint step 2 could not be written") for m in messages)
+    failed = any(m.startswith("checkpoint step 2 could not be written") for m in messages)
+    assert failed is (survivor == 1)
     assert any(m.startswith("checkpoint step 3 skipped") for m in messages)
     for secret in (AZURITE_KEY, server.env.get("AWS_SECRET_ACCESS_KEY", AZURITE_KEY)):
         assert secret not in caplog.text
-    # Nothing committed was lost and the half-written step 2 never became visible.
+    # Nothing committed was lost and no half-written step became visible.
     with CheckpointStore(uri, create=False) as fresh:
-        assert fresh.all_steps() == [1, 5]
-        restored, meta = fresh.restore(as_target(state), 1)
-        assert meta["step"] == 1
+        assert fresh.all_steps() == [survivor, 5]
+        restored, meta = fresh.restore(as_target(state), survivor)
+        assert meta["step"] == survivor
         assert_bitwise(restored, state)
     # The next writer clears what the failed save left behind.
     with CheckpointStore(uri, keep=2) as writer:
