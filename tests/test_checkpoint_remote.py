@@ -188,14 +188,12 @@ def test_storage_outage_mid_save_is_a_warning_and_the_next_save_works(
             # The array writes failed for good while it was down; the server is back before
             # the fsspec clients give up on their metadata writes (~8 s s3fs, ~30 s gcsfs).
             server.start()
-            step_2_saved = store.wait(timeout_s=120)
+            assert store.wait(timeout_s=120) is False  # saves 3 and 4 failed after step 2
         # Step 2 either failed (its array writes hit the outage) or, when its arrays were all
         # written before the stop (seen on gs on a quiet machine), completed once the server
         # was back (gcsfs retries its metadata writes for ~30 s): never anything in between.
         survivor = store.latest_step()
         assert survivor in (1, 2)
-        if server.scheme != "az":
-            assert step_2_saved is (survivor == 2)
         assert store.save(5, state, META) and store.wait()
         assert store.all_steps() == [survivor, 5]
     finally:
