@@ -172,7 +172,7 @@ def fit(
         edges = np.delete(edges, min(empty[0], len(edges) - 1))  # merge an empty bin away
         which = np.searchsorted(edges, point, side="right")
     low, high, counts = [], [], []
-    below_cap = true < cap - 1e-6 if cap > 0 else np.ones(len(true), bool)
+    below_cap = metrics.below_cap(true, cap)
     for b in range(len(edges) + 1):
         sel = which == b
         degrading = sel & below_cap if (sel & below_cap).any() else sel

@@ -38,6 +38,15 @@ def interval_columns(
     return found[0], found[1]
 
 
+def below_cap(true: np.ndarray, rul_cap: float | None) -> np.ndarray:
+    """Mask of truths below the RUL cap (all True without one): the degrading part of a unit's
+    life, as opposed to the healthy early life whose capped truth is trivially the cap."""
+    true = np.asarray(true, np.float64)
+    if not rul_cap:
+        return np.ones(len(true), bool)
+    return true < float(rul_cap) - 1e-6
+
+
 def interval_coverage(low: np.ndarray, high: np.ndarray, true: np.ndarray) -> float:
     """Share of truths inside [low, high]: about 0.8 for a calibrated p10-p90 interval."""
     true = np.asarray(true, np.float64)

@@ -341,10 +341,15 @@ def layout_summary(layout: platform.Layout) -> dict[str, Any]:
     }
 
 
+def calibrating(config: Any) -> bool:
+    """Whether config.train.calibration asks for conformal bands."""
+    return config.train.get("calibration", "none") == "conformal"
+
+
 def saved_calibration(meta: dict[str, Any], config: Any) -> calibration.Calibration | None:
     """The band a checkpoint holds, unless config.train.calibration is now 'none' (a resumable
     change: a run resumed or evaluated with it off reports no band); None before format 2."""
-    if config.train.get("calibration", "none") != "conformal":
+    if not calibrating(config):
         return None
     return calibration.Calibration.from_dict(meta.get("calibration"))
 
@@ -357,10 +362,8 @@ def degrading_rmse(val: dict[str, Any], rul_cap: float | None) -> float:
     not have (C-MAPSS FD001: ~40 % of validation windows, 11 % of test units). Selecting on these
     windows alone scores what the test scores. Without a cap (or none below it): all windows.
     """
-    if not rul_cap:
-        return float(val["rmse"])
-    below = val["true"] < float(rul_cap) - 1e-6
-    if not below.any():
+    below = metrics.below_cap(val["true"], rul_cap)
+    if below.all() or not below.any():
         return float(val["rmse"])
     return metrics.rul_metrics(val["pred"][below], val["true"][below])["rmse"]
 
@@ -369,7 +372,7 @@ def fit_calibration(
     config: Any, spec: Any, val: dict[str, Any], step: int
 ) -> calibration.Calibration | None:
     """The conformal band of the parameters `val` scored, when config.train.calibration asks."""
-    if config.train.get("calibration", "none") != "conformal":
+    if not calibrating(config):
         return None
     cap = float(config.data.rul_cap or 0.0)
     return calibration.fit(val["outputs"], val["pred"], val["true"], spec.quantiles, step, cap=cap)
@@ -695,7 +698,7 @@ def train_and_evaluate(
     }
     if best["calibration"] is not None:
         report["calibration"] = best["calibration"].summary()
-    elif config.train.get("calibration", "none") == "conformal":
+    elif calibrating(config):
         log.info(
             "no calibrated p10-p90 band: %s",
             "no validation units to fit one on (data.val_fraction=0)"
