@@ -67,6 +67,13 @@ def validate(config: Any) -> None:
         "'mse' or 'huber'",
         config.model.get("point_loss"),
     )
+    members = config.model.get("ensemble", 1)
+    _require(
+        _is_int(members) and members >= 1,
+        "model.ensemble",
+        "an integer >= 1 (1: a single model)",
+        members,
+    )
     _require(data.source in SOURCES, "data.source", f"one of {SOURCES}", data.source)
     if data.source == "cmapss":
         _require(data.subset in SUBSETS, "data.subset", f"one of {SUBSETS}", data.subset)

@@ -255,8 +255,8 @@ def load(
     spec = layers.spec_from_config(
         config.model, len(scaler.features), int(config.data.window), dtype=compute
     )
-    graphdef, host_params = models.split(models.build(spec, int(config.seed)))
-    optimizer, _ = train.make_optimizer(config.train)
+    graphdef, host_params = models.init(spec, int(config.seed))
+    optimizer, _ = train.make_optimizer(config.train, spec.ensemble)
     mesh = _mesh(devices)
     replicated = parallel.replicated(mesh)
     try:

@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from pdm_jax import models, parallel
@@ -28,17 +27,27 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, spec: ModelSpec) -> Callable[..., jax.Array]:
-    def loss_fn(params: Any, batch: dict[str, Any], key: jax.Array | None) -> jax.Array:
-        out = models.apply(graphdef, params, model_inputs(batch), key=key)
+def make_loss_fn(graphdef: Any, spec: ModelSpec) -> Callable[..., jax.Array]:
+    """(params, batch, key) -> loss. An ensemble's loss is the sum of its members' own losses:
+    each member gets exactly the gradient it would get trained alone (a loss on the averaged
+    output would instead train the members as one wider model and lose their diversity)."""
+
+    def member_loss(pred: jax.Array, batch: dict[str, Any]) -> jax.Array:
         return layers.loss(
-            out["pred"],
+            pred,
             batch["y"],
             spec.quantiles,
             batch.get("weight"),
             point_loss=spec.point_loss,
             huber_delta=spec.huber_delta,
         )
+
+    def loss_fn(params: Any, batch: dict[str, Any], key: jax.Array | None) -> jax.Array:
+        if isinstance(graphdef, models.Ensemble):
+            out = models.members(graphdef, params, model_inputs(batch), key=key)
+            return jnp.sum(jax.vmap(lambda pred: member_loss(pred, batch))(out["pred"]))
+        out = models.apply(graphdef, params, model_inputs(batch), key=key)
+        return member_loss(out["pred"], batch)
 
     return loss_fn
 
@@ -57,7 +66,7 @@ def microbatches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef,
+    graphdef: Any,
     spec: ModelSpec,
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
@@ -76,6 +85,7 @@ def make_train_step(
     """
     loss_and_grad = jax.value_and_grad(make_loss_fn(graphdef, spec))
     accum = int(grad_accum)
+    size = models.ensemble_size(graphdef)
 
     def gradients(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[Any, Any]:
         if accum == 1:
@@ -96,7 +106,8 @@ def make_train_step(
         loss, grads = gradients(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        # An ensemble reports its members' mean loss, comparable with a single model's.
+        return params, opt_state, {"loss": loss / size, "grad_norm": optax.tree.norm(grads)}
 
     options = {"compiler_options": compiler_options} if compiler_options else {}
     if mesh is None:
@@ -140,7 +151,7 @@ def _in_chunks(
 
 
 def make_predict_step(
-    graphdef: nnx.GraphDef,
+    graphdef: Any,
     spec: ModelSpec,
     mesh: Mesh | None = None,
     compiler_options: dict[str, Any] | None = None,

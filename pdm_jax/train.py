@@ -88,8 +88,12 @@ def learning_rate_schedule(train_cfg: Any) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, decay, end_value=0.01 * peak)
 
 
-def make_optimizer(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW on the schedule, after global-norm clipping."""
+def make_optimizer(
+    train_cfg: Any, members: int = 1
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on the schedule, after global-norm clipping. For an ensemble (`members` > 1,
+    parameters stacked on axis 0) the whole chain is vmapped over the members: each is clipped,
+    updated and averaged on its own, exactly as if it trained alone."""
     schedule = learning_rate_schedule(train_cfg)
     parts = []
     if train_cfg.get("clip_norm", 1.0):
@@ -97,7 +101,12 @@ def make_optimizer(train_cfg: Any) -> tuple[optax.GradientTransformation, optax.
     parts.append(optax.adamw(schedule, weight_decay=float(train_cfg.get("weight_decay", 0.0))))
     if train_cfg.get("ema_decay", 0.0):
         parts.append(averaging.track_average(float(train_cfg.ema_decay)))
-    return optax.chain(*parts), schedule
+    optimizer = optax.chain(*parts)
+    if members > 1:
+        optimizer = optax.GradientTransformation(
+            jax.vmap(optimizer.init), jax.vmap(optimizer.update)
+        )
+    return optimizer, schedule
 
 
 def eval_params(params: Any, opt_state: Any) -> Any:
@@ -306,12 +315,19 @@ def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
     spec = layers.spec_from_config(
         config.model, len(prepared.scaler.features), config.data.window, dtype=layout.dtype
     )
-    graphdef, host_params = models.split(models.build(spec, config.seed))
-    log.info(
-        "model %s: %d parameters", spec.name, sum(x.size for x in jax.tree.leaves(host_params))
-    )
+    graphdef, host_params = models.init(spec, config.seed)
+    count = sum(x.size for x in jax.tree.leaves(host_params))
+    if spec.ensemble > 1:
+        log.info(
+            "model %s: ensemble of %d members, %d parameters each",
+            spec.name,
+            spec.ensemble,
+            count // spec.ensemble,
+        )
+    else:
+        log.info("model %s: %d parameters", spec.name, count)
     mesh = parallel.make_mesh(layout.mesh_shape)
-    optimizer, schedule = make_optimizer(config.train)
+    optimizer, schedule = make_optimizer(config.train, spec.ensemble)
     params = parallel.replicate(host_params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=parallel.replicated(mesh))(params)
     return Run(

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = layers.spec_from_config(
             config.model, prepared.train.features.shape[1], config.data.window, dtype=args.dtype
         )
-        graphdef, params = models.split(models.build(spec, config.seed))
+        graphdef, params = models.init(spec, config.seed)
         return spec, graphdef, params
 
     spec, graphdef, params = build(args.batch, args.remat)

@@ -1,7 +1,8 @@
 """Batch inference from real checkpoints: `pdm_jax.predict` and scripts/predict.py.
 
 Two short training runs (module-scoped, started together) give the checkpoints: a tiny
-CNN-BiLSTM on 8 simulated devices, predicted here on 1, and a tiny TFT for the quantile columns.
+CNN-BiLSTM on 8 simulated devices, predicted here on 1, and a tiny TFT ensemble of two members
+(config.model.ensemble) for the quantile columns.
 Their report.json holds what the training loop itself predicted for each FD001 test unit's last
 window with the best parameters: inference from the checkpoint alone must agree with it.
 """
@@ -51,6 +52,7 @@ TFT = [
     "--config.model.tft.hidden=8",
     "--config.model.tft.heads=1",
     "--config.model.tft.var_hidden=4",
+    "--config.model.ensemble=2",
 ]
 
 
@@ -186,6 +188,7 @@ def test_step_selection(runs, test_file):
 
 def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     report = _report(runs["tft"])
+    assert json.loads((runs["tft"] / "config.json").read_text())["model"]["ensemble"] == 2
     out = tmp_path / "pred.parquet"
     raw = predict.predict_files(f"file://{runs['tft']}", [test_file], out, intervals="raw")
     assert list(raw.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]

@@ -55,6 +55,7 @@ class ModelSpec:
     target_offset: float = 0.0
     point_loss: str = "mse"  # point heads: 'mse' | 'huber'
     huber_delta: float = 10.0  # cycles
+    ensemble: int = 1  # members trained side by side, outputs averaged (pdm_jax.models.init)
 
     @property
     def num_outputs(self) -> int:
@@ -102,6 +103,7 @@ def spec_from_config(
         target_offset=float(model_cfg.get("target_offset", 0.0)),
         point_loss=str(model_cfg.get("point_loss", "mse")),
         huber_delta=float(model_cfg.get("huber_delta", 10.0)),
+        ensemble=int(model_cfg.get("ensemble", 1)),
         hparams=tuple(
             sorted(
                 dict(hparams.to_dict() if hasattr(hparams, "to_dict") else hparams or {}).items()
