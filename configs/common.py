@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.columns.rul = config_dict.placeholder(str)  # optional explicit RUL column
     data.columns.ignore = ()  # extra columns to leave out
     data.use_settings = False  # feed the settings to the model as inputs too
+    data.use_time = False  # feed each row's time index (the unit's age) as an input too
     data.rul_cap = 125.0  # piecewise-linear target; 0 = uncapped
     data.nan_policy = "error"  # 'error' | 'ffill' (forward-fill within a unit, count logged)
     data.condition_scaling = "auto"  # per-operating-condition scaling: 'auto' | True | False

@@ -593,6 +593,7 @@ def _abstract(x: Any) -> Any:
 # value, so adding a key never strands a run that can still resume exactly.
 ADDED_KEYS: dict[str, Any] = {
     "data.min_history": 0,
+    "data.use_time": False,
     "model.ensemble": 1,
     "model.target_offset": 0.0,
     "train.select_on": "all",

@@ -99,8 +99,12 @@ def make_windows(
     )
 
 
-def feature_columns(table: RunTable, use_settings: bool) -> tuple[str, ...]:
-    return (*table.settings, *table.sensors) if use_settings else table.sensors
+def feature_columns(table: RunTable, use_settings: bool, use_time: bool = False) -> tuple[str, ...]:
+    """The model's input columns: sensors, plus the settings and the unit's age (its time index,
+    cycles since the record began) when asked. Why age: a window of flat sensor readings looks
+    the same at cycle 60 as at cycle 200, but the later one is much closer to failure."""
+    columns = (*table.settings, *table.sensors) if use_settings else table.sensors
+    return (*columns, TIME) if use_time else columns
 
 
 def train_batches(
@@ -125,7 +129,9 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
     raw = sources.load(data_cfg, data_dir)
     train_codes, val_codes = split_units(raw.train, data_cfg.val_fraction, seed)
     train_table = raw.train.select_units(train_codes)
-    feats = feature_columns(raw.train, bool(data_cfg.get("use_settings", False)))
+    feats = feature_columns(
+        raw.train, bool(data_cfg.get("use_settings", False)), bool(data_cfg.get("use_time", False))
+    )
     scaler = features.fit_scaler(train_table, feats, data_cfg.condition_scaling)
     window, stride, cap = data_cfg.window, data_cfg.stride, data_cfg.rul_cap
     shortest = data_cfg.get("min_history", 0) or window

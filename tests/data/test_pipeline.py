@@ -234,3 +234,22 @@ def test_too_few_windows_for_a_batch():
     w = dataset.prepare(_cfg().data, 0).test
     with pytest.raises(DataError, match="only 100 training windows, fewer than one global batch"):
         TrainIterator(w, 256, seed=0)
+
+
+def test_use_time_feeds_each_row_s_age_scaled_like_a_sensor():
+    cfg = _cfg()
+    plain = dataset.prepare(cfg.data, 0)
+    cfg.data.use_time = True
+    aged = dataset.prepare(cfg.data, 0)
+    assert aged.scaler.features == (*plain.scaler.features, "time")
+    batch = aged.test.gather(np.arange(len(aged.test)))
+    np.testing.assert_array_equal(batch["x"][..., :-1], plain.test.gather(np.arange(100))["x"])
+    age = batch["x"][..., -1]
+    # The training units' cycles (1 to the longest life) map to [-1, 1]: one step per cycle.
+    first, longest = aged.scaler.mins[0, -1], aged.scaler.maxs[0, -1]
+    assert first == 1 and 300 < longest <= 362
+    step = 2.0 / (longest - 1)
+    np.testing.assert_allclose(np.diff(age, axis=1), step, rtol=1e-4)
+    history = cmapss.read_history(cmapss.EMBEDDED_DIR / "test_FD001.txt.gz")
+    last = history.groupby("unit", sort=False)["cycle"].max().to_numpy()
+    np.testing.assert_allclose(age[:, -1], -1.0 + (last - 1) * step, atol=1e-5)
