@@ -151,12 +151,15 @@ def _tuples(value: Any) -> Any:
 
 def _columns(config: ml_collections.ConfigDict, scaler: features.Scaler) -> Columns:
     data = config.data
+    # The model's inputs read from the file: a model fed the unit's age (data.use_time) takes it
+    # from the time column, whatever the file calls it.
+    read = tuple(f for f in scaler.features if f != TIME)
     if data.source == "cmapss":
-        return Columns("unit", "cycle", scaler.settings, scaler.features, frozenset(cmapss.COLUMNS))
+        return Columns("unit", "cycle", scaler.settings, read, frozenset(cmapss.COLUMNS))
     cols = data.columns
-    known = {cols.unit, cols.time, *scaler.settings, *scaler.features, *(cols.ignore or ())}
+    known = {cols.unit, cols.time, *scaler.settings, *read, *(cols.ignore or ())}
     known |= {c for c in (cols.get("failure"), cols.get("rul")) if c}
-    return Columns(cols.unit, cols.time, scaler.settings, scaler.features, frozenset(known))
+    return Columns(cols.unit, cols.time, scaler.settings, read, frozenset(known))
 
 
 def _parse_step(step: str | int) -> str | int:

@@ -35,6 +35,7 @@ TRAIN = [
 CNN = [
     "--config=configs/cnn_bilstm.py",
     "--config.data.window=30",  # the test file's unit 7 cut to 5 rows is its only short unit
+    "--config.data.use_time=True",  # the unit's age, read from each file's time column
     "--config.train.num_steps=20",
     "--config.model.cnn_bilstm.channels=(8,)",
     "--config.model.cnn_bilstm.dilations=(1,)",
@@ -105,6 +106,7 @@ def _script(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
 def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_file, tmp_path):
     report = _report(runs["cnn"])
     assert report["layout"]["mesh"] == [8, 1]
+    assert report["data"]["features"][-1] == "time"
     out = tmp_path / "pred.csv"
     frame = predict.predict_files(
         str(runs["cnn"]), [test_file], out, devices=jax.local_devices()[:1]
