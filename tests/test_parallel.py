@@ -124,7 +124,7 @@ def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
 def _tiny_setup():
     cfg = tiny_cnn_config(dropout=0.0)
     prepared = dataset.prepare(cfg.data, cfg.seed)
-    spec = layers.spec_from_config(cfg.model, 14, cfg.data.window)
+    spec = layers.spec_from_config(cfg.model, len(prepared.scaler.features), cfg.data.window)
     graphdef, params = models.split(models.build(spec))
     return prepared, spec, graphdef, params
 

@@ -13,7 +13,7 @@ from tests.conftest import load_config, tiny_cnn_config
 def test_best_params_snapshot_survives_the_donating_train_step():
     cfg = tiny_cnn_config()
     prepared = dataset.prepare(cfg.data, cfg.seed)
-    spec = layers.spec_from_config(cfg.model, 14, cfg.data.window)
+    spec = layers.spec_from_config(cfg.model, len(prepared.scaler.features), cfg.data.window)
     graphdef, params = models.split(models.build(spec))
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
