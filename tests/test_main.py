@@ -116,7 +116,7 @@ def test_csv_run_with_tuple_overrides_from_the_command_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "w" / "data_summary.json").read_text())
-    assert summary["features"] == ["vib", "rpm"]
+    assert summary["features"] == ["vib", "rpm", "time"]  # the CNN-BiLSTM config feeds the age
     assert summary["train_windows"] + summary["val_windows"] == 12 * 31
 
 
