@@ -1,0 +1,50 @@
+"""The CNN-BiLSTM search of the fifth session (issue 9): variants of the default config, scored
+on validation RMSE, one row per variant, subset and seed.
+
+Every variant is written as overrides of today's `configs/cnn_bilstm.py`, so each row reruns
+with one command (`scripts/experiments.py --plan=experiments/search_cnn.py --only=ROW_ID`) at
+any later commit that keeps those keys. `default` is the config the search chose (the unit's age
+as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. Rows run before
+this plan existed (with `runs/sweep/run.sh`, checkpoints off) were recorded into the results by
+`make_record` from their run directories; their `command` is the one that actually ran.
+
+Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL = "cnn_bilstm"
+NO_AGE = {"data.use_time": False}
+V1_REGULARISATION = {"model.dropout": 0.1, "train.weight_decay": 1e-4}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "v1": {**NO_AGE, **V1_REGULARISATION},  # the default before the search
+    "d3wd3": NO_AGE,  # dropout 0.3, weight decay 3e-2, no age
+    "t": V1_REGULARISATION,  # the age alone
+    "default": {},  # dropout 0.3, weight decay 3e-2 and the age: the chosen config
+    "ens3d3": {**NO_AGE, "model.ensemble": 3},  # d3wd3 as a three-member ensemble
+    "b128": {"train.batch_size": 128},
+    "w30": {"data.window": 30},
+}
+SUBSETS = ("FD001", "FD003")
+SEEDS = (0, 1, 2)
+
+
+def row(variant: str, subset: str, seed: int) -> dict[str, Any]:
+    return {
+        "id": f"{variant}-{subset}-s{seed}",
+        "config": f"configs/{MODEL}.py",
+        "overrides": {**VARIANTS[variant], "data.subset": subset, "seed": seed},
+        "group": f"{variant} {subset}",
+        "model": MODEL,
+        "subset": subset,
+        "seed": seed,
+        "note": ", ".join(f"{k}={v}" for k, v in VARIANTS[variant].items()),
+    }
+
+
+def get_plan() -> list[dict[str, Any]]:
+    return [
+        row(variant, subset, seed) for subset in SUBSETS for variant in VARIANTS for seed in SEEDS
+    ]
