@@ -13,7 +13,6 @@ from tests.conftest import load_config
 
 TINY = {
     "cnn_bilstm": {"channels": (8,), "dilations": (1,), "lstm_hidden": 8, "dense": 8},
-    "tft": {"hidden": 8, "heads": 1, "var_hidden": 4},
 }
 
 
@@ -36,7 +35,9 @@ def _member(params, m):
     return jax.tree.map(lambda x: x[m], params)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+# The ensemble code is model-agnostic; the CNN-BiLSTM keeps these tests cheap, and the TFT runs
+# as a two-member ensemble end to end in tests/test_predict.py.
+@pytest.mark.parametrize("name", ["cnn_bilstm"])
 def test_members_are_stacked_and_member_0_is_the_single_model_of_the_seed(name):
     graphdef, params = models.init(_spec(name, 3), seed=5)
     assert isinstance(graphdef, models.Ensemble) and graphdef.size == 3
@@ -53,7 +54,7 @@ def test_members_are_stacked_and_member_0_is_the_single_model_of_the_seed(name):
     assert len(seeds) == 12
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", ["cnn_bilstm"])
 def test_an_ensemble_predicts_the_mean_of_its_members(name):
     spec = _spec(name, 3)
     graphdef, params = models.init(spec, seed=0)
