@@ -6,11 +6,10 @@ training step calls, so params are a plain pytree for sharding and Orbax.
 
 `init(spec, seed)` is what training and inference start from: with `spec.ensemble` = N > 1 it
 gives N independently initialised members whose parameters are stacked on a leading axis, and
-`apply` then runs them with `jax.vmap` and averages their outputs. Why inside one model rather
+`apply` then runs each member (`members`) and averages their outputs. Why inside one model rather
 than N runs: on small run-to-failure sets a single network's test error swings by about a cycle
-from seed to seed, and the mean of a few members is both steadier and better; stacked, the N
-members train in one step (wider matrices, one compile) and save, resume, select and calibrate
-as one model.
+from seed to seed, and the mean of a few members is steadier; stacked, the N members train in
+one jitted step and save, resume, select and calibrate as one model.
 """
 
 from __future__ import annotations
