@@ -107,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     # min(ema_decay, (1 + t) / (10 + t)), so until step ~10 / (1 - ema_decay) (5,000 at 0.998)
     # the average spans roughly the last t / 10 steps whatever the setting.
     train.ema_decay = 0.0
+    # Std of Gaussian noise added to the scaled readings of each training window every step
+    # (padding excluded; evaluation and prediction never see it). 0 = off.
+    train.input_noise = 0.0
     train.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
     train.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', after linear warm-up
     train.warmup_steps = 100

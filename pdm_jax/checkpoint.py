@@ -596,6 +596,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.use_time": False,
     "model.ensemble": 1,
     "model.target_offset": 0.0,
+    "train.input_noise": 0.0,
     "train.select_on": "all",
 }
 

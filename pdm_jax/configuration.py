@@ -176,6 +176,12 @@ def validate(config: Any) -> None:
         "a value in [0, 1)",
         train.ema_decay,
     )
+    _require(
+        train.get("input_noise", 0.0) >= 0,
+        "train.input_noise",
+        "a number >= 0 (0 = off)",
+        train.get("input_noise"),
+    )
     _require(train.clip_norm >= 0, "train.clip_norm", "a number >= 0 (0 = off)", train.clip_norm)
     _require(
         train.get("calibration", "none") in calibration.METHODS,

@@ -555,7 +555,14 @@ def train_and_evaluate(
     primary, options = run.primary, run.options
     train_cfg = config.train
     train_step = steps.make_train_step(
-        graphdef, spec, optimizer, mesh, layout.grad_accum, config.seed, options
+        graphdef,
+        spec,
+        optimizer,
+        mesh,
+        layout.grad_accum,
+        config.seed,
+        options,
+        input_noise=float(train_cfg.get("input_noise", 0.0)),
     )
     chunk = int(layout.infer_microbatch)
     predict = steps.make_predict_step(graphdef, spec, mesh, options, chunk)

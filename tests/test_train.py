@@ -57,3 +57,44 @@ def test_parameter_average_rides_in_the_optimizer_state():
     np.testing.assert_allclose(averaging.averaged(state)["w"], expected, rtol=1e-6)
     assert train.eval_params(params, state) is averaging.averaged(state)
     assert train.eval_params(params, optax.sgd(1.0).init(params)) is params
+
+
+def test_input_noise_jitters_observed_readings_only():
+    import jax.numpy as jnp
+
+    x = jnp.ones((64, 50, 4))
+    mask = jnp.concatenate([jnp.zeros((64, 20)), jnp.ones((64, 30))], axis=1)
+    batch = {"x": x * mask[..., None], "mask": mask, "y": jnp.zeros(64)}
+    noisy = steps.noisy_inputs(batch, jax.random.key(0), 0.2)
+    delta = np.asarray(noisy["x"] - batch["x"])
+    assert np.all(delta[:, :20] == 0)  # left-padding stays exactly zero
+    assert abs(delta[:, 20:].std() - 0.2) < 0.01 and abs(delta[:, 20:].mean()) < 0.01
+    assert noisy["y"] is batch["y"]
+
+
+def test_input_noise_reaches_the_training_step_from_the_config(tmp_path):
+    """train.input_noise changes what a run learns (the step's wiring), deterministically;
+    at 0 the run is the one without the feature."""
+
+    def run(noise: float, name: str) -> str:
+        cfg = tiny_cnn_config()
+        cfg.data.window = 10
+        cfg.train.update(num_steps=2, batch_size=32, eval_every=2, warmup_steps=1)
+        cfg.train.update(tensorboard=False, plots=False, input_noise=noise)
+        cfg.checkpoint.every_steps = 0
+        return train.train_and_evaluate(cfg, str(tmp_path / name))["params_sha256"]
+
+    quiet, noisy, again = run(0.0, "quiet"), run(0.5, "noisy"), run(0.5, "again")
+    assert noisy == again and noisy != quiet
+
+
+def test_input_noise_must_not_be_negative():
+    import pytest
+
+    from pdm_jax import configuration
+    from pdm_jax.errors import ConfigError
+
+    cfg = load_config("cnn_bilstm")
+    cfg.train.input_noise = -0.1
+    with pytest.raises(ConfigError, match=r"config\.train\.input_noise"):
+        configuration.validate(cfg)
