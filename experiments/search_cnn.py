@@ -1,11 +1,12 @@
-"""The CNN-BiLSTM search of the fifth session (issue 9): variants of the default config, scored
-on validation RMSE, one row per variant, subset and seed.
+"""The CNN-BiLSTM search of the fifth and sixth sessions (issue 9): variants of the default
+config, scored on validation RMSE, one row per variant, subset and seed.
 
 Every variant is written as overrides of today's `configs/cnn_bilstm.py`, so each row reruns
 with one command (`scripts/experiments.py --plan=experiments/search_cnn.py --only=ROW_ID`) at
 any later commit that keeps those keys. `default` is the config the search chose (the unit's age
-as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. Rows run before
-this plan existed (with `runs/sweep/run.sh`, checkpoints off) were recorded into the results by
+as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. The sixth session
+chose `w80lr3` for FD001 and `w80` for FD003 (`configs/cnn_bilstm_fd001.py`, `_fd003.py`).
+Rows run with `runs/sweep/run.sh` (checkpoints off) were recorded into the results by
 `make_record` from their run directories; their `command` is the one that actually ran.
 
 Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
@@ -26,6 +27,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ens3d3": {**NO_AGE, "model.ensemble": 3},  # d3wd3 as a three-member ensemble
     "b128": {"train.batch_size": 128},
     "w30": {"data.window": 30},
+    # Sixth session: longer windows, and Gaussian jitter of the readings against the early
+    # overfitting (FD001's best validation step comes after ~5 epochs).
+    "w80": {"data.window": 80},
+    "w80n15": {"data.window": 80, "train.input_noise": 0.15},
+    "w120": {"data.window": 120},
+    "w80lr3": {"data.window": 80, "train.learning_rate": 3e-4},
 }
 SUBSETS = ("FD001", "FD003")
 SEEDS = (0, 1, 2)
