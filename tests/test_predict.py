@@ -127,34 +127,20 @@ def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_fil
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
 
 
-def test_checkpoint_on_s3_predicts_the_report(test_file, tmp_path, s3_env):
-    """Trained with its store on S3 (moto), predicted by the script from the s3:// URI alone,
-    with only the standard AWS variables to find the server."""
+def test_checkpoint_on_s3_predicts_the_report(runs, test_file, tmp_path, s3_env):
+    """A run's checkpoints uploaded to S3 (moto) as they are, predicted by the script from the
+    s3:// URI alone, with only the standard AWS variables to find the server. (Training that
+    writes its checkpoints to S3 is test_resume's.)"""
+    import fsspec
+
     uri = s3_env.make_bucket() + "/run"
-    workdir = tmp_path / "run"
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdm_jax.main",
-            *CNN,
-            *TRAIN,
-            f"--workdir={workdir}",
-            f"--config.checkpoint.uri={uri}",
-        ],
-        cwd=REPO,
-        env=_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert not (workdir / "checkpoints").exists()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(f"{runs['cnn'] / 'checkpoints'}/", uri.removeprefix("s3://"), recursive=True)
     out = tmp_path / "pred.csv"
     proc = _script(f"--checkpoint={uri}", f"--input={test_file}", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     frame = pd.read_csv(out)
-    report = _report(workdir)
+    report = _report(runs["cnn"])
     assert frame["unit"].tolist() == [u["unit"] for u in report["per_unit"]]
     np.testing.assert_allclose(
         frame["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
