@@ -1,4 +1,4 @@
-"""CNN-BiLSTM for C-MAPSS FD001: configs/cnn_bilstm.py with the window chosen for this subset.
+"""CNN-BiLSTM for C-MAPSS FD001: configs/cnn_bilstm.py with the window and rate chosen for FD001.
 
 `python -m pdm_jax.main --config=configs/cnn_bilstm_fd001.py`. Chosen on validation RMSE (sixth
 session, experiments/README.md and experiments/results/search_cnn.md); the test rows are in

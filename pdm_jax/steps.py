@@ -55,8 +55,8 @@ def make_loss_fn(graphdef: Any, spec: ModelSpec) -> Callable[..., jax.Array]:
 def noisy_inputs(batch: dict[str, Any], key: jax.Array, std: float) -> dict[str, Any]:
     """The batch with Gaussian noise of `std` (in scaled-feature units) added to the observed
     readings `x`; left-padding (mask 0) stays zero. On C-MAPSS the models fit the few training
-    units' exact sensor traces within ~8 epochs; jittering the readings every step makes memorising
-    them harder without changing what a window means."""
+    units' exact sensor traces within ~8 epochs, and jitter is the usual answer; at 0.15 it did not
+    improve FD001's or FD003's validation RMSE (experiments/README.md), so it is off by default."""
     x = batch["x"]
     noise = std * jax.random.normal(key, x.shape, x.dtype)
     mask = batch["mask"].astype(x.dtype)[..., None]
