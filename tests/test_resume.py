@@ -219,9 +219,9 @@ def test_on_s3_sigterm_saves_its_step_a_bad_config_is_refused_and_the_rerun_ends
     tmp_path, reference, s3_env
 ):
     """Checks 3, 8 and 4 on one remote backend, in sequence on one store: a stop signal saves
-    the step it was in (not a periodic one); a run with another config is refused in one line
-    naming the keys, and leaves the store as it was; the rerun continues from the saved step
-    and ends bit-identical to the uninterrupted run."""
+    the step it was in; a run with another config is refused in one line naming the keys, and
+    leaves the store as it was; the rerun continues from the saved step and ends bit-identical
+    to the uninterrupted run."""
     ref_report, ref_losses = reference
     uri = f"{s3_env.make_bucket()}/run"
     extra = [f"--config.checkpoint.uri={uri}"]
