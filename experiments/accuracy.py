@@ -6,10 +6,11 @@ its workdir); `scripts/experiments.py --plan=experiments/accuracy.py` runs the r
 because the published numbers this table is held against are means the first three seeds
 cannot pin down to better than ~0.5 RMSE.
 
-The per-subset configs (`configs/cnn_bilstm_fd001.py`, `configs/cnn_bilstm_fd003.py`: windows of
-80 cycles, chosen on validation in the sixth session's search) have rows of their own. Their
-seeds 0-2 are the search's `w80` rows (the same config as overrides), recorded from those runs
-with the command that actually ran.
+The per-subset configs (`configs/cnn_bilstm_fd001.py`: windows of 80 cycles and learning rate
+3e-4; `configs/cnn_bilstm_fd003.py`: windows of 80; chosen on validation in the sixth session's
+search) have rows of their own. Their seeds 0-2 are the search's `w80lr3` / `w80` rows (the same
+config as overrides), and FD001's seeds 3-4 ran the same way (`runs/sweep/run.sh`); those were
+recorded with the command that actually ran. FD003's seeds 3-4 ran through this runner.
 
 Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
 """

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from pdm_jax import configuration
+from pdm_jax.checkpoint import _flatten
 from tests.conftest import REPO, load_config
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "common")
@@ -23,18 +24,9 @@ def test_config_loads_and_validates(name):
         assert cfg.data.subset == subset.group(1).upper()
         base = load_config(name[: subset.start()])
         assert cfg.model.name == base.model.name
-        changed = {k for k, v in _flat(cfg.to_dict()).items() if _flat(base.to_dict()).get(k) != v}
+        flat_base = _flatten(base.to_dict())
+        changed = {k for k, v in _flatten(cfg.to_dict()).items() if flat_base.get(k) != v}
         assert changed <= {"data.subset", "data.window", "train.learning_rate"}, changed
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def test_per_subset_config_is_what_the_readme_names():
