@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.columns.ignore = ()  # extra columns to leave out
     data.use_settings = False  # feed the settings to the model as inputs too
     data.use_time = False  # feed each row's time index (the unit's age) as an input too
+    # > 0: each sensor also enters as its change since the unit's own early-life level (the mean
+    # of its first N cycles, of fewer while the unit is younger): engines start with different
+    # wear and manufacturing offsets, about a fifth of FD001's whole degradation trend, that a
+    # window of readings alone cannot tell from wear. 0 = off.
+    data.baseline_cycles = 0
     data.rul_cap = 125.0  # piecewise-linear target; 0 = uncapped
     data.nan_policy = "error"  # 'error' | 'ffill' (forward-fill within a unit, count logged)
     data.condition_scaling = "auto"  # per-operating-condition scaling: 'auto' | True | False

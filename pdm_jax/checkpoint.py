@@ -592,6 +592,7 @@ def _abstract(x: Any) -> Any:
 # what the code did before the key existed: a checkpoint saved without one reads as having that
 # value, so adding a key never strands a run that can still resume exactly.
 ADDED_KEYS: dict[str, Any] = {
+    "data.baseline_cycles": 0,
     "data.min_history": 0,
     "data.use_time": False,
     "model.ensemble": 1,

@@ -114,6 +114,13 @@ def validate(config: Any) -> None:
         shortest,
     )
     _require(_is_int(data.stride) and data.stride > 0, "data.stride", "an integer > 0", data.stride)
+    baseline = data.get("baseline_cycles", 0)
+    _require(
+        _is_int(baseline) and baseline >= 0,
+        "data.baseline_cycles",
+        "an integer >= 0 (0 = off)",
+        baseline,
+    )
     _require(
         data.rul_cap is None or data.rul_cap >= 0,
         "data.rul_cap",

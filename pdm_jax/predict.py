@@ -83,6 +83,10 @@ class Predictor:
         return int(self.config.data.window)
 
     @property
+    def baseline_cycles(self) -> int:
+        return int(self.config.data.get("baseline_cycles", 0))
+
+    @property
     def quantile_columns(self) -> list[tuple[int, str]]:
         """(output index, column name) of each quantile other than the one `rul_pred` holds."""
         qs = self.spec.quantiles
@@ -255,8 +259,9 @@ def load(
     compute = dtype or config.compute.get("dtype", "float32")
     if compute == "auto":
         compute = train.resolve_dtype("auto")
+    inputs = dataset.input_names(scaler, int(config.data.get("baseline_cycles", 0)))
     spec = layers.spec_from_config(
-        config.model, len(scaler.features), int(config.data.window), dtype=compute
+        config.model, len(inputs), int(config.data.window), dtype=compute
     )
     graphdef, host_params = models.init(spec, int(config.seed))
     optimizer, _ = train.make_optimizer(config.train, spec.ensemble)
@@ -529,7 +534,13 @@ def iter_predictions(
             flagged: set[str] = set()
             for item in read_chunks(source, nan_policy, chunk_rows):
                 win = dataset.make_windows(
-                    item.table, predictor.scaler, data.rul_cap, predictor.window, 1, mode
+                    item.table,
+                    predictor.scaler,
+                    data.rul_cap,
+                    predictor.window,
+                    1,
+                    mode,
+                    baseline_cycles=predictor.baseline_cycles,
                 )
                 flagged |= _warn_out_of_range(item, predictor.scaler, win.features, flagged)
                 starts, stops = item.table.unit_bounds()

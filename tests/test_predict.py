@@ -36,6 +36,7 @@ CNN = [
     "--config=configs/cnn_bilstm.py",
     "--config.data.window=30",  # the test file's unit 7 cut to 5 rows is its only short unit
     "--config.data.use_time=True",  # the unit's age, read from each file's time column
+    "--config.data.baseline_cycles=5",  # inputs computed from each unit's own first rows
     "--config.train.num_steps=20",
     "--config.model.cnn_bilstm.channels=(8,)",
     "--config.model.cnn_bilstm.dilations=(1,)",

@@ -84,13 +84,16 @@ def make_windows(
     stride: int = 1,
     mode: str = "train",
     min_history: int | None = None,
+    baseline_cycles: int = 0,
 ) -> Windows:
+    """The windows of `table`; the model's inputs are `input_names(scaler, baseline_cycles)`."""
     starts, stops = table.unit_bounds()
-    lengths = stops - starts
+    row_start = np.repeat(starts, stops - starts)
+    scaled = scaler.transform(table.frame)
     return Windows(
-        features=scaler.transform(table.frame),
+        features=features.with_baseline(scaled, row_start, scaler, baseline_cycles),
         targets=features.rul_target(table, rul_cap),
-        row_start=np.repeat(starts, lengths),
+        row_start=row_start,
         row_unit=table.frame[UNIT].to_numpy(np.int32),
         row_dataset=table.frame[DATASET].to_numpy(np.int32),
         row_time=table.frame[TIME].to_numpy(np.float64),
@@ -105,6 +108,11 @@ def feature_columns(table: RunTable, use_settings: bool, use_time: bool = False)
     the same at cycle 60 as at cycle 200, but the later one is much closer to failure."""
     columns = (*table.settings, *table.sensors) if use_settings else table.sensors
     return (*columns, TIME) if use_time else columns
+
+
+def input_names(scaler: features.Scaler, baseline_cycles: int = 0) -> tuple[str, ...]:
+    """The model's inputs, in order: the scaled columns, then the baseline deltas if any."""
+    return (*scaler.features, *features.baseline_inputs(scaler, baseline_cycles))
 
 
 def train_batches(
@@ -135,14 +143,15 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
     scaler = features.fit_scaler(train_table, feats, data_cfg.condition_scaling)
     window, stride, cap = data_cfg.window, data_cfg.stride, data_cfg.rul_cap
     shortest = data_cfg.get("min_history", 0) or window
-    train = make_windows(train_table, scaler, cap, window, stride, "train", shortest)
+    baseline = int(data_cfg.get("baseline_cycles", 0))
+    train = make_windows(train_table, scaler, cap, window, stride, "train", shortest, baseline)
     val = None
     if len(val_codes):
         val_table = raw.train.select_units(val_codes)
-        val = make_windows(val_table, scaler, cap, window, 1, "train", shortest)
+        val = make_windows(val_table, scaler, cap, window, 1, "train", shortest, baseline)
     test = None
     if raw.test is not None:
-        test = make_windows(raw.test, scaler, cap, window, 1, "last")
+        test = make_windows(raw.test, scaler, cap, window, 1, "last", baseline_cycles=baseline)
         if test.num_padded:
             log.warning(
                 "%d test unit(s) are shorter than the window (%d); they are left-padded and masked",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pdm_jax.data.table import RUL, RunTable
+from pdm_jax.data.table import RUL, TIME, RunTable
 from pdm_jax.errors import DataError
 
 # A gap between sorted distinct setting values separates two operating points when it is wider
@@ -199,3 +199,38 @@ def rul_target(table: RunTable, rul_cap: float | None) -> np.ndarray:
     if rul_cap:
         rul = np.minimum(rul, float(rul_cap))
     return rul.astype(np.float32)
+
+
+def baseline_inputs(scaler: Scaler, cycles: int) -> tuple[str, ...]:
+    """Names of the extra inputs `with_baseline` appends: one per sensor (settings and the age
+    excluded, they have no unit-specific level), none when `cycles` is 0."""
+    if cycles <= 0:
+        return ()
+    skip = {*scaler.settings, TIME}
+    return tuple(f"{name}-baseline" for name in scaler.features if name not in skip)
+
+
+def with_baseline(
+    scaled: np.ndarray, row_start: np.ndarray, scaler: Scaler, cycles: int
+) -> np.ndarray:
+    """`scaled` [rows, F] with each sensor's change since its unit's early-life level appended.
+
+    Why: engines start with different wear and manufacturing offsets (on C-MAPSS FD001 about a
+    fifth of the whole degradation trend), which a window of readings cannot tell from wear. The
+    level is the mean of the unit's first `cycles` rows, or of all its rows so far while it is
+    younger, so each row uses only its own past: a test unit cut early gets the same inputs a
+    training unit had at that age. Rows must be grouped by unit (`row_start`: each row's unit's
+    first row), and the result does not depend on which other units share the table.
+    """
+    names = baseline_inputs(scaler, cycles)
+    if not names:
+        return scaled
+    skip = {*scaler.settings, TIME}
+    columns = [i for i, name in enumerate(scaler.features) if name not in skip]
+    values = scaled[:, columns].astype(np.float64)
+    # Cumulative sums restart at each unit, so a unit's result is the same whatever the chunk.
+    running = pd.DataFrame(values).groupby(row_start, sort=False).cumsum().to_numpy()
+    rows = np.arange(len(scaled))
+    count = np.minimum(rows - row_start + 1, cycles)
+    level = running[row_start + count - 1] / count[:, None]
+    return np.concatenate([scaled, (values - level).astype(np.float32)], axis=1)

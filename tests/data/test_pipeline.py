@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import subprocess
@@ -253,3 +254,32 @@ def test_use_time_feeds_each_row_s_age_scaled_like_a_sensor():
     history = cmapss.read_history(cmapss.EMBEDDED_DIR / "test_FD001.txt.gz")
     last = history.groupby("unit", sort=False)["cycle"].max().to_numpy()
     np.testing.assert_allclose(age[:, -1], -1.0 + (last - 1) * step, atol=1e-5)
+
+
+def test_baseline_cycles_append_each_sensor_s_change_since_its_unit_s_early_life():
+    cfg = _cfg(use_time=True)
+    plain = dataset.prepare(cfg.data, 0)
+    cfg.data.baseline_cycles = 5
+    based = dataset.prepare(cfg.data, 0)
+    sensors = len(plain.scaler.features) - 1  # the age gets no baseline
+    names = dataset.input_names(based.scaler, 5)
+    assert names[: sensors + 1] == plain.scaler.features
+    assert names[sensors + 1 :] == tuple(f"{s}-baseline" for s in plain.scaler.features[:-1])
+    x = based.val.features
+    np.testing.assert_array_equal(x[:, : sensors + 1], plain.val.features)
+    # Each row's level is the mean of its unit's first five rows, or of its rows so far.
+    start = based.val.row_start
+    for r in (start[0], start[0] + 2, start[0] + 4, start[0] + 90, len(x) - 1):
+        first = start[r]
+        seen = plain.val.features[first : min(r + 1, first + 5), :sensors]
+        np.testing.assert_allclose(x[r, sensors + 1 :], x[r, :sensors] - seen.mean(0), atol=1e-6)
+    # Causal and per unit: a unit cut short, alone in its table, gets the rows it had at that age.
+    table = based.raw.train.select_units(based.val_units[3:4])
+    cut = table.frame.iloc[:12].reset_index(drop=True)
+    short = dataclasses.replace(table, frame=cut)
+    alone = dataset.make_windows(short, based.scaler, 125.0, 80, 1, "last", baseline_cycles=5)
+    own = np.flatnonzero(based.val.row_unit == 3)[:12]
+    np.testing.assert_array_equal(alone.features, x[own])
+    cfg.data.baseline_cycles = -1
+    with pytest.raises(ConfigError, match=r"data\.baseline_cycles"):
+        configuration.validate(cfg)
