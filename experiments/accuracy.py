@@ -6,11 +6,14 @@ its workdir); `scripts/experiments.py --plan=experiments/accuracy.py` runs the r
 because the published numbers this table is held against are means the first three seeds
 cannot pin down to better than ~0.5 RMSE.
 
-The per-subset configs (`configs/cnn_bilstm_fd001.py`: windows of 80 cycles and learning rate
-3e-4; `configs/cnn_bilstm_fd003.py`: windows of 80; chosen on validation in the sixth session's
-search) have rows of their own. Their seeds 0-2 are the search's `w80lr3` / `w80` rows (the same
-config as overrides), and FD001's seeds 3-4 ran the same way (`runs/sweep/run.sh`); those were
-recorded with the command that actually ran. FD003's seeds 3-4 ran through this runner.
+The per-subset configs (`configs/cnn_bilstm_fd001.py`: windows of 80 cycles, learning rate 3e-4
+and each sensor's change since the unit's first 20 cycles as extra inputs;
+`configs/cnn_bilstm_fd003.py`: the same without the lower rate; chosen on validation in the sixth
+and seventh sessions' search) have rows of their own. All five seeds of each ran as the search's
+`w80lr3b20` / `w80b20` runs (`runs/sweep/run.sh`, the same config as overrides of
+`configs/cnn_bilstm.py`) and were recorded with the command that actually ran, after their
+`config.json` was checked key by key against the per-subset config. The rows of the sixth
+session's per-subset configs (no baseline inputs) are in `results/history/`.
 
 Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
 """

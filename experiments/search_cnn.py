@@ -1,11 +1,13 @@
-"""The CNN-BiLSTM search of the fifth and sixth sessions (issue 9): variants of the default
+"""The CNN-BiLSTM search of the fifth to seventh sessions (issue 9): variants of the default
 config, scored on validation RMSE, one row per variant, subset and seed.
 
 Every variant is written as overrides of today's `configs/cnn_bilstm.py`, so each row reruns
 with one command (`scripts/experiments.py --plan=experiments/search_cnn.py --only=ROW_ID`) at
 any later commit that keeps those keys. `default` is the config the search chose (the unit's age
 as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. The sixth session
-chose `w80lr3` for FD001 and `w80` for FD003 (`configs/cnn_bilstm_fd001.py`, `_fd003.py`).
+chose `w80lr3` for FD001 and `w80` for FD003; the seventh added the sensors' changes since
+each unit's first 20 cycles on top (`w80lr3b20`, `w80b20`: `configs/cnn_bilstm_fd001.py`,
+`_fd003.py`).
 Rows run with `runs/sweep/run.sh` (checkpoints off) were recorded into the results by
 `make_record` from their run directories; their `command` is the one that actually ran.
 
@@ -33,6 +35,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w80n15": {"data.window": 80, "train.input_noise": 0.15},
     "w120": {"data.window": 120},
     "w80lr3": {"data.window": 80, "train.learning_rate": 3e-4},
+    # Seventh session: each sensor's change since its unit's first 20 cycles as extra inputs, on
+    # top of each subset's sixth-session choice (w80lr3 for FD001, w80 for FD003).
+    "w80lr3b20": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 20},
+    "w80b20": {"data.window": 80, "data.baseline_cycles": 20},
 }
 SUBSETS = ("FD001", "FD003")
 SEEDS = (0, 1, 2)

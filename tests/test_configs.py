@@ -26,7 +26,12 @@ def test_config_loads_and_validates(name):
         assert cfg.model.name == base.model.name
         flat_base = _flatten(base.to_dict())
         changed = {k for k, v in _flatten(cfg.to_dict()).items() if flat_base.get(k) != v}
-        assert changed <= {"data.subset", "data.window", "train.learning_rate"}, changed
+        assert changed <= {
+            "data.subset",
+            "data.window",
+            "data.baseline_cycles",
+            "train.learning_rate",
+        }, changed
 
 
 def test_per_subset_config_is_what_the_readme_names():
