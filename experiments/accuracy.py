@@ -7,13 +7,14 @@ because the published numbers this table is held against are means the first thr
 cannot pin down to better than ~0.5 RMSE.
 
 The per-subset configs (`configs/cnn_bilstm_fd001.py`: windows of 80 cycles, learning rate 3e-4
-and each sensor's change since the unit's first 20 cycles as extra inputs;
-`configs/cnn_bilstm_fd003.py`: the same without the lower rate; chosen on validation in the sixth
-and seventh sessions' search) have rows of their own. All five seeds of each ran as the search's
-`w80lr3b20` / `w80b20` runs (`runs/sweep/run.sh`, the same config as overrides of
-`configs/cnn_bilstm.py`) and were recorded with the command that actually ran, after their
-`config.json` was checked key by key against the per-subset config. The rows of the sixth
-session's per-subset configs (no baseline inputs) are in `results/history/`.
+and each sensor's change since the mean of the unit's first 40 cycles as extra inputs;
+`configs/cnn_bilstm_fd003.py`: windows of 80 and the change since the first 20 cycles; chosen on
+validation in the sixth and seventh sessions' search) have rows of their own. All five seeds of
+each ran as the search's `w80lr3b40` / `w80b20` runs (`runs/sweep/run.sh`, the same config as
+overrides of `configs/cnn_bilstm.py`) and were recorded with the command that actually ran,
+after their `config.json` was checked key by key against the per-subset config. The rows of the
+sixth session's per-subset configs (no baseline inputs), and FD001's with the first 20 cycles,
+are in `results/history/`.
 
 Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
 """

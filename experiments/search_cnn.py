@@ -6,8 +6,8 @@ with one command (`scripts/experiments.py --plan=experiments/search_cnn.py --onl
 any later commit that keeps those keys. `default` is the config the search chose (the unit's age
 as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. The sixth session
 chose `w80lr3` for FD001 and `w80` for FD003; the seventh added the sensors' changes since
-each unit's first 20 cycles on top (`w80lr3b20`, `w80b20`: `configs/cnn_bilstm_fd001.py`,
-`_fd003.py`).
+each unit's early-life level on top (`w80lr3b40` for FD001, `w80b20` for FD003:
+`configs/cnn_bilstm_fd001.py`, `_fd003.py`).
 Rows run with `runs/sweep/run.sh` (checkpoints off) were recorded into the results by
 `make_record` from their run directories; their `command` is the one that actually ran.
 
@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # top of each subset's sixth-session choice (w80lr3 for FD001, w80 for FD003).
     "w80lr3b20": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 20},
     "w80b20": {"data.window": 80, "data.baseline_cycles": 20},
+    "w80lr3b10": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 10},
+    "w80lr3b40": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 40},
 }
 SUBSETS = ("FD001", "FD003")
 SEEDS = (0, 1, 2)
