@@ -312,9 +312,8 @@ def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
     if primary:
         info = runinfo.collect(platform.to_dict(detected, layout), prepared.summary())
         jsonio.write_json(os.path.join(workdir, RUN_INFO_FILE), info)
-    inputs = dataset.input_names(prepared.scaler, int(config.data.get("baseline_cycles", 0)))
     spec = layers.spec_from_config(
-        config.model, len(inputs), config.data.window, dtype=layout.dtype
+        config.model, len(prepared.inputs), config.data.window, dtype=layout.dtype
     )
     graphdef, host_params = models.init(spec, config.seed)
     count = sum(x.size for x in jax.tree.leaves(host_params))
@@ -469,9 +468,7 @@ def write_plots(
             parallel.to_host(params),
             test_windows,
             run.prepared.raw.test.unit_labels if test_windows is not None else (),
-            dataset.input_names(
-                run.prepared.scaler, int(run.config.data.get("baseline_cycles", 0))
-            ),
+            run.prepared.inputs,
             explain_windows=test_windows if test_windows is not None else run.prepared.val,
             calibrated=calibrated,
         )

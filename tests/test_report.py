@@ -123,7 +123,7 @@ def test_a_plot_failure_never_loses_the_run(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(report, "run_plots", broken)
     config = load_config("cnn_bilstm")
     prepared = types.SimpleNamespace(
-        test=None, val=None, scaler=types.SimpleNamespace(features=("s_2",))
+        test=None, val=None, scaler=types.SimpleNamespace(features=("s_2",)), inputs=("s_2",)
     )
     run = types.SimpleNamespace(
         primary=True, config=config, prepared=prepared, graphdef=None, spec=None

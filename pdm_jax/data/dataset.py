@@ -28,6 +28,7 @@ class Prepared:
     train_units: np.ndarray  # unit codes of raw.train used for training
     val_units: np.ndarray
     fingerprint: str
+    inputs: tuple[str, ...]  # the model's input columns, in order (`input_names`)
 
     def summary(self) -> dict[str, Any]:
         """Counts a user (and the run directory) should see before training starts."""
@@ -182,4 +183,5 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
         train_units=train_codes,
         val_units=val_codes,
         fingerprint=fingerprint(raw.train),
+        inputs=input_names(scaler, baseline),
     )

@@ -201,13 +201,18 @@ def rul_target(table: RunTable, rul_cap: float | None) -> np.ndarray:
     return rul.astype(np.float32)
 
 
-def baseline_inputs(scaler: Scaler, cycles: int) -> tuple[str, ...]:
-    """Names of the extra inputs `with_baseline` appends: one per sensor (settings and the age
-    excluded, they have no unit-specific level), none when `cycles` is 0."""
+def _levelled_columns(scaler: Scaler, cycles: int) -> list[int]:
+    """The scaled columns `with_baseline` gives a baseline input: the sensors (settings and the
+    age have no unit-specific level), none when `cycles` is 0."""
     if cycles <= 0:
-        return ()
+        return []
     skip = {*scaler.settings, TIME}
-    return tuple(f"{name}-baseline" for name in scaler.features if name not in skip)
+    return [i for i, name in enumerate(scaler.features) if name not in skip]
+
+
+def baseline_inputs(scaler: Scaler, cycles: int) -> tuple[str, ...]:
+    """Names of the extra inputs `with_baseline` appends, in order."""
+    return tuple(f"{scaler.features[i]}-baseline" for i in _levelled_columns(scaler, cycles))
 
 
 def with_baseline(
@@ -222,11 +227,9 @@ def with_baseline(
     training unit had at that age. Rows must be grouped by unit (`row_start`: each row's unit's
     first row), and the result does not depend on which other units share the table.
     """
-    names = baseline_inputs(scaler, cycles)
-    if not names:
+    columns = _levelled_columns(scaler, cycles)
+    if not columns:
         return scaled
-    skip = {*scaler.settings, TIME}
-    columns = [i for i, name in enumerate(scaler.features) if name not in skip]
     values = scaled[:, columns].astype(np.float64)
     # Cumulative sums restart at each unit, so a unit's result is the same whatever the chunk.
     running = pd.DataFrame(values).groupby(row_start, sort=False).cumsum().to_numpy()
