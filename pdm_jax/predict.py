@@ -532,6 +532,7 @@ def iter_predictions(
         for source in sources:
             short = 0
             flagged: set[str] = set()
+            late_warned = False
             for item in read_chunks(source, nan_policy, chunk_rows):
                 win = dataset.make_windows(
                     item.table,
@@ -543,6 +544,7 @@ def iter_predictions(
                     baseline_cycles=predictor.baseline_cycles,
                 )
                 flagged |= _warn_out_of_range(item, predictor.scaler, win.features, flagged)
+                late_warned = late_warned or _warn_late_start(item, predictor)
                 starts, stops = item.table.unit_bounds()
                 short += int((stops - starts < predictor.window).sum())
                 if size is None:
@@ -596,6 +598,37 @@ def iter_predictions(
 # training rows scale into [-1, 1]) mean another unit or scale, not wear: degradation moves a
 # C-MAPSS sensor across its training range, not 5 ranges past it.
 OUT_OF_RANGE = 5.0
+
+
+def _warn_late_start(item: Input, predictor: Predictor) -> bool:
+    """Warns when a model fed baseline inputs (data.baseline_cycles) meets units whose record
+    starts later than the training units' did: their level is then not their early life's, and
+    the inputs measure change from a later, more worn state than training saw. Only a model that
+    also reads the age knows when training records started. Returns whether it warned."""
+    cycles, scaler = predictor.baseline_cycles, predictor.scaler
+    if cycles <= 0 or TIME not in scaler.features:
+        return False
+    first_trained = float(scaler.mins[:, scaler.features.index(TIME)].min())
+    starts, _ = item.table.unit_bounds()
+    first = item.table.frame[TIME].to_numpy(np.float64)[starts]
+    late = first > first_trained + cycles
+    if not late.any():
+        return False
+    codes = item.table.frame[UNIT].to_numpy()[starts][late]
+    labels = [str(u) for u in item.table.unit_labels[codes]]
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    log.warning(
+        "%s: %d unit(s) (%s) start at time %g or later, while training records started at %g: "
+        "their baseline inputs (data.baseline_cycles=%d) assume each unit's rows from the start "
+        "of its record",
+        item.source.name,
+        len(labels),
+        shown,
+        float(first[late].min()),
+        first_trained,
+        cycles,
+    )
+    return True
 
 
 def _warn_out_of_range(

@@ -221,25 +221,32 @@ def test_format_1_checkpoint_predicts_without_a_band(runs, test_file, tmp_path, 
 
 def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplog):
     """The training layout as a CSV (any unit order) predicts like the text file; an unknown
-    column is ignored with a warning and a unit shorter than the window is padded, counted."""
+    column is ignored with a warning, a unit shorter than the window is padded, counted, and a
+    unit whose record starts late is named (its baseline inputs need the start)."""
     history = cmapss.read_history(test_file)
     history["unit"] = history["unit"].astype(int)
     history["cycle"] = history["cycle"].astype(int)
     history["operator_note"] = "ok"
     short = history[history["unit"] == 7].head(5)
-    rest = history[~history["unit"].isin([7])]
+    late = history[history["unit"] == 12].iloc[19:]  # its record starts at cycle 20
+    rest = history[~history["unit"].isin([7, 12])]
     path = tmp_path / "units.csv"
-    pd.concat([short, rest]).to_csv(path, index=False)
+    pd.concat([short, late, rest]).to_csv(path, index=False)
     caplog.set_level(logging.WARNING, logger="pdm_jax.predict")
     frame = predict.predict_files(str(runs["cnn"]), [str(path)], show_progress=False)
     messages = [r.getMessage() for r in caplog.records]
     assert any("ignoring 1 column(s)" in m and "'operator_note'" in m for m in messages)
     assert any("1 unit(s) are shorter than the window (30 steps)" in m for m in messages)
-    assert frame["unit"].tolist()[:2] == [7, 1]  # the file's order
+    # The model's baseline inputs (data.baseline_cycles=5) need records from their start.
+    (started_late,) = [m for m in messages if "start at time" in m]
+    assert "1 unit(s) (12) start at time 20 or later, while training records started at 1" in (
+        started_late
+    )
+    assert frame["unit"].tolist()[:3] == [7, 12, 1]  # the file's order
     assert frame["time"].iloc[0] == 5 and np.isfinite(frame["rul_pred"]).all()
     reference = predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
-    merged = frame.iloc[1:].merge(reference, on="unit", suffixes=("", "_ref"))
-    assert len(merged) == 99
+    merged = frame.iloc[2:].merge(reference, on="unit", suffixes=("", "_ref"))
+    assert len(merged) == 98
     np.testing.assert_allclose(merged["rul_pred"], merged["rul_pred_ref"], rtol=1e-5, atol=1e-4)
 
 
