@@ -544,8 +544,8 @@ def iter_predictions(
                     baseline_cycles=predictor.baseline_cycles,
                 )
                 flagged |= _warn_out_of_range(item, predictor.scaler, win.features, flagged)
-                late_warned = late_warned or _warn_late_start(item, predictor)
                 starts, stops = item.table.unit_bounds()
+                late_warned = late_warned or _warn_late_start(item, predictor, starts)
                 short += int((stops - starts < predictor.window).sum())
                 if size is None:
                     size = _batch_size(batch_size, len(win), devices, chunk)
@@ -600,16 +600,16 @@ def iter_predictions(
 OUT_OF_RANGE = 5.0
 
 
-def _warn_late_start(item: Input, predictor: Predictor) -> bool:
+def _warn_late_start(item: Input, predictor: Predictor, starts: np.ndarray) -> bool:
     """Warns when a model fed baseline inputs (data.baseline_cycles) meets units whose record
     starts later than the training units' did: their level is then not their early life's, and
     the inputs measure change from a later, more worn state than training saw. Only a model that
-    also reads the age knows when training records started. Returns whether it warned."""
+    also reads the age knows when training records started. `starts`: each unit's first row.
+    Returns whether it warned."""
     cycles, scaler = predictor.baseline_cycles, predictor.scaler
     if cycles <= 0 or TIME not in scaler.features:
         return False
     first_trained = float(scaler.mins[:, scaler.features.index(TIME)].min())
-    starts, _ = item.table.unit_bounds()
     first = item.table.frame[TIME].to_numpy(np.float64)[starts]
     late = first > first_trained + cycles
     if not late.any():
