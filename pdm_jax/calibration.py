@@ -48,13 +48,15 @@ class Calibration:
         self, outputs: np.ndarray, point: np.ndarray, quantiles: Sequence[float]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) RUL bounds for each prediction: the model's own p10/p90 when it has
-        them, else the point prediction, each moved by its bin's shift; never below 0 cycles."""
+        them, else the point prediction, each moved by its bin's shift, then held around the
+        point (a negative shift narrows a band, and must not narrow it past its own prediction)
+        and at or above 0 cycles unless the point itself is below."""
+        point = np.asarray(point, np.float64)
         raw_low, raw_high = raw_bounds(outputs, point, quantiles)
-        which = np.searchsorted(np.asarray(self.edges), np.asarray(point), side="right")
+        which = np.searchsorted(np.asarray(self.edges), point, side="right")
         low = raw_low - np.asarray(self.low)[which]
         high = raw_high + np.asarray(self.high)[which]
-        low, high = np.minimum(low, high), np.maximum(low, high)
-        return np.maximum(low, 0.0), np.maximum(high, 0.0)
+        return around(low, high, point)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,16 +105,75 @@ class Calibration:
         }
 
 
+def around(low: np.ndarray, high: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`low <= point <= high`, and neither bound below 0 cycles unless the point is."""
+    point = np.asarray(point, np.float64)
+    low = np.minimum(np.maximum(low, 0.0), point)
+    high = np.maximum(np.maximum(high, 0.0), point)
+    return low, high
+
+
 def raw_bounds(
     outputs: np.ndarray, point: np.ndarray, quantiles: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own p10/p90 outputs, or (point, point) for a model without them."""
+    """The model's own p10/p90 outputs held on either side of its point prediction (quantile
+    heads trained apart can cross), or (point, point) for a model without them."""
     columns = metrics.interval_columns(quantiles)
     point = np.asarray(point, np.float64)
     if columns is None:
         return point, point
     outputs = np.asarray(outputs, np.float64)
-    return outputs[:, columns[0]], outputs[:, columns[1]]
+    return np.minimum(outputs[:, columns[0]], point), np.maximum(outputs[:, columns[1]], point)
+
+
+def point_index(quantiles: Sequence[float]) -> int | None:
+    """The output the point prediction reads: the quantile nearest 0.5 (None: a point model)."""
+    if not quantiles:
+        return None
+    return min(range(len(quantiles)), key=lambda i: abs(float(quantiles[i]) - 0.5))
+
+
+def quantile_table(
+    outputs: np.ndarray,
+    point: np.ndarray,
+    quantiles: Sequence[float],
+    calibrated: Calibration | None = None,
+) -> dict[float, np.ndarray]:
+    """Every quantile a prediction reports besides its point, ascending: {q: values [N]}.
+
+    The model's own quantiles, with the `calibrated` band in place of (or, for a point model, as)
+    its p10/p90. Heads trained apart by the pinball loss can cross, and a calibrated band moves
+    only two of them, so the values are then made monotone outwards from the point: each
+    quantile below the point's is at most the next one up, each above at least the next one
+    down. Training, evaluation, plots and batch inference all take their columns from here, so
+    `p10 <= pred <= p90` (and every `pNN` in order) holds wherever a band is shown.
+    """
+    point = np.asarray(point, np.float64)
+    outputs = np.asarray(outputs, np.float64)
+    centre = point_index(quantiles)
+    middle = 0.5 if centre is None else float(quantiles[centre])
+    values = {round(float(q), 6): outputs[:, i] for i, q in enumerate(quantiles) if i != centre}
+    if calibrated is not None:
+        low, high = calibrated.bands(outputs, point, quantiles)
+        values[round(calibrated.interval[0], 6)] = low
+        values[round(calibrated.interval[1], 6)] = high
+    below = sorted((q for q in values if q < middle), reverse=True)
+    above = sorted(q for q in values if q >= middle)
+    for side, order in ((below, np.minimum), (above, np.maximum)):
+        previous = point
+        for q in side:
+            values[q] = previous = order(values[q], previous)
+    return dict(sorted(values.items()))
+
+
+def interval_of(
+    table: Mapping[float, np.ndarray], interval: tuple[float, float] = metrics.INTERVAL
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (low, high) columns of `quantile_table`'s result for `interval`, if it has both."""
+    keys = [round(float(q), 6) for q in interval]
+    if not all(k in table for k in keys):
+        return None
+    return table[keys[0]], table[keys[1]]
 
 
 def conformal_quantile(scores: np.ndarray, miss: float) -> float:

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from pdm_jax import orbax_remote, parallel
+from pdm_jax.configuration import flatten
 from pdm_jax.errors import ConfigError, PdmError
 
 log = logging.getLogger(__name__)
@@ -604,7 +605,7 @@ ADDED_KEYS: dict[str, Any] = {
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ, other than those a resume may change."""
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved, flat_now = flatten(saved), flatten(current)
     flat_saved = {**{k: v for k, v in ADDED_KEYS.items() if k in flat_now}, **flat_saved}
     keys = sorted(set(flat_saved) | set(flat_now))
     return [
@@ -613,16 +614,6 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         if _norm(flat_saved.get(k)) != _norm(flat_now.get(k))
         and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
     ]
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _norm(value: Any) -> Any:

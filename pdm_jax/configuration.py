@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pdm_jax import calibration, jsonio
@@ -268,6 +269,29 @@ def load_config(name_or_path: str) -> Any:
     if not path.endswith(".py"):
         path = os.path.join(CONFIG_DIR, f"{name_or_path}.py")
     return load_module(path).get_config()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train.num_steps': 10, ...}: dotted keys, as the command line names them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changes(base: Any, config: Any) -> dict[str, Any]:
+    """The dotted keys whose value in `config` differs from `base`, with the new values."""
+    before, after = flatten(base.to_dict()), flatten(config.to_dict())
+    return {k: v for k, v in sorted(after.items()) if k not in before or before[k] != v}
+
+
+def describe(values: Mapping[str, Any]) -> str:
+    """`train.num_steps=20 compute.dtype='float32'`: a config's keys in one log line, where
+    config.json holds the whole config."""
+    return " ".join(f"{k}={v!r}" for k, v in flatten(values).items())
 
 
 def save(config: Any, workdir: str) -> str:

@@ -5,13 +5,12 @@ A DataError/ConfigError becomes one line on stderr and exit code 2, no traceback
 """
 
 import logging as pylogging
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import configuration, datacheck, hostmem, train
+from pdm_jax import cli, configuration, datacheck, hostmem, train
 from pdm_jax.errors import PdmError
 
 FLAGS = flags.FLAGS
@@ -46,7 +45,12 @@ def main(argv: list[str]) -> None:
         config.data.data_dir = FLAGS.data_dir
     try:
         configuration.validate(config)
-        logging.info("config as given (before 'auto' is resolved):\n%s", config)
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        logging.info(
+            "config %s%s (config.json in the workdir holds it whole)",
+            config_flags.get_config_filename(FLAGS["config"]),
+            f" with {configuration.describe(overrides)}" if overrides else "",
+        )
         if FLAGS.mode == "data":
             datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
         elif FLAGS.mode == "eval":
@@ -71,31 +75,8 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag (unknown config key, wrong type) is one line and exit 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        sys.stderr.write(f"error: {_flag_error(err)}\n")
-        sys.exit(2)
-    except (AttributeError, KeyError) as err:  # config_flags: a key the config does not have
-        key = str(err).strip("\"'")
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
-        name = bad[0].lstrip("-") if bad else key
-        sys.stderr.write(f"error: {name}: no such config key\n")
-        sys.exit(2)
-
-
-def _flag_error(err: Exception) -> str:
-    text = str(err).splitlines()[0]
-    match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
-    if match:
-        return f"{match.group(1)}: cannot parse {match.group(2)!r} ({match.group(3)})"
-    return text
-
-
 def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

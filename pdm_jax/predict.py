@@ -25,7 +25,16 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from pdm_jax import checkpoint, models, parallel, platform, steps, tablewriter, train
+from pdm_jax import (
+    calibration,
+    checkpoint,
+    models,
+    parallel,
+    platform,
+    steps,
+    tablewriter,
+    train,
+)
 from pdm_jax.calibration import Calibration
 from pdm_jax.data import chunked, cmapss, dataset, features, validate
 from pdm_jax.data.pipeline import Windows, eval_batches
@@ -85,15 +94,6 @@ class Predictor:
     @property
     def baseline_cycles(self) -> int:
         return int(self.config.data.get("baseline_cycles", 0))
-
-    @property
-    def quantile_columns(self) -> list[tuple[int, str]]:
-        """(output index, column name) of each quantile other than the one `rul_pred` holds."""
-        qs = self.spec.quantiles
-        if not qs:
-            return []
-        point = min(range(len(qs)), key=lambda i: abs(qs[i] - 0.5))
-        return [(i, quantile_column(q)) for i, q in enumerate(qs) if i != point]
 
 
 def quantile_column(q: float) -> str:
@@ -393,10 +393,12 @@ def open_source(path: str | os.PathLike, columns: Columns) -> Source:
     present = chunked.header(path, kind, cmapss.COLUMNS)
     missing = [c for c in layout.required if c not in present]
     if missing:
+        cmapss_names = " (C-MAPSS names, as the model was trained on C-MAPSS)" * (
+            layout.known == frozenset(cmapss.COLUMNS)
+        )
         raise DataError(
-            f"{source.name}: missing column(s) {', '.join(map(repr, missing))} that the "
-            f"checkpoint's model reads (unit {layout.unit!r}, time {layout.time!r}, "
-            f"{len(layout.settings)} setting(s), {len(layout.features)} feature(s))"
+            f"{source.name}: missing column(s) {', '.join(map(repr, missing))}; the "
+            f"checkpoint's model reads {', '.join(layout.required)}{cmapss_names}"
         )
     extra = [c for c in present if c not in layout.known]
     if extra:
@@ -558,14 +560,11 @@ def iter_predictions(
                         "rul_pred": values[:, -1],
                     }
                 )
-                for index, column in predictor.quantile_columns:
-                    frame[column] = values[:, index]
-                if predictor.calibrated is not None:
-                    low, high = predictor.calibrated.bands(
-                        values[:, :-1], values[:, -1], predictor.spec.quantiles
-                    )
-                    for q, bound in zip(predictor.calibrated.interval, (low, high), strict=True):
-                        frame[quantile_column(q)] = bound.astype(np.float32)
+                table = calibration.quantile_table(
+                    values[:, :-1], values[:, -1], predictor.spec.quantiles, predictor.calibrated
+                )
+                for q, column in table.items():
+                    frame[quantile_column(q)] = column.astype(np.float32)
                 if len(sources) > 1:
                     frame.insert(0, "file", source.path)
                 yield frame

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -20,6 +21,7 @@ class Progress:
         stream: TextIO | None = None,
         log_every_s: float = 10.0,
         enabled: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.total = total
         self.unit = unit
@@ -30,13 +32,16 @@ class Progress:
         self.enabled = enabled
         self.count = 0
         self.status = ""  # free text shown after the rate, e.g. "epoch 3.2, loss 0.41"
-        self.start = time.perf_counter()
-        self._last = 0.0
+        # The clock's origin is arbitrary (perf_counter counts from boot on Linux), so the first
+        # line is due at once rather than `interval` after the origin.
+        self._clock = clock
+        self.start = clock()
+        self._last: float | None = None
         self._shown = -1  # count at the last line written
 
     @property
     def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
+        elapsed = self._clock() - self.start
         return self.count / elapsed if elapsed > 0 else 0.0
 
     def _line(self) -> str:
@@ -50,8 +55,8 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.count += n
-        now = time.perf_counter()
-        if self.enabled and now - self._last >= self.interval:
+        now = self._clock()
+        if self.enabled and (self._last is None or now - self._last >= self.interval):
             self._last = now
             self._shown = self.count
             self.stream.write(

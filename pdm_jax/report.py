@@ -27,11 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pdm_jax import metrics, models, steps, summaries
+from pdm_jax import calibration, metrics, models, steps, summaries
 from pdm_jax.calibration import Calibration
 from pdm_jax.data.pipeline import Windows, eval_batches
 from pdm_jax.models import layers
@@ -74,10 +75,12 @@ class Explanation:
     attention: np.ndarray  # [T, T] mean attention, query step x key step
 
 
-def _save(fig: Figure, path: str) -> None:
-    """Renders on an Agg canvas into a temp file, then renames: no half-written PNG."""
+def _save(fig: Figure, path: str, layout: bool = True) -> None:
+    """Renders on an Agg canvas into a temp file, then renames: no half-written PNG. With
+    `layout` False the caller has laid the figure out (room kept for a figure legend)."""
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=DPI)
     os.replace(tmp, path)
@@ -102,8 +105,22 @@ def plot_pred_vs_true(report: Mapping[str, Any], path: str) -> None:
         ax.vlines(x, low, high, color=EARLY, alpha=0.35, linewidth=3, label="p10-p90 interval")
     ax.plot(x, true, "-", color="black", linewidth=1.5, label="true RUL (capped)")
     late = pred > true
-    ax.scatter(x[~late], pred[~late], s=14, color=EARLY, label="predicted (early)", zorder=3)
-    ax.scatter(x[late], pred[late], s=14, color=LATE, label="predicted (late)", zorder=3)
+    ax.scatter(
+        x[~late], pred[~late], s=14, color=EARLY, label="early: predicted below the truth", zorder=3
+    )
+    ax.scatter(
+        x[late], pred[late], s=14, color=LATE, label="late: predicted above the truth", zorder=3
+    )
+    fig.text(
+        0.5,
+        0.01,
+        "late = predicted RUL above the true RUL: the costly side (the unit fails before the "
+        "maintenance it would plan);\nearly = below it: maintenance sooner than needed",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="dimgray",
+    )
     test = report.get("test", {})
     title = f"{report.get('model', '')} predicted vs true RUL, {len(units)} test units"
     scores = []
@@ -118,7 +135,8 @@ def plot_pred_vs_true(report: Mapping[str, Any], path: str) -> None:
     ax.set_ylabel("RUL (cycles)")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _save(fig, path, layout=False)
 
 
 def plot_error_hist(report: Mapping[str, Any], path: str) -> None:
@@ -160,10 +178,14 @@ def plot_error_hist(report: Mapping[str, Any], path: str) -> None:
 
 
 def plot_trajectories(trajectories: Sequence[Trajectory], path: str) -> None:
-    """RUL over each unit's life: whether the model tracks degradation, not only the last point."""
+    """RUL over each unit's life: whether the model tracks degradation, not only the last point.
+
+    The units are `pick_units`' choice, spread from nearest failure to farthest at their last
+    cycle; the plot says so, since a reader otherwise assumes the best or the worst were picked.
+    """
     cols = 2 if len(trajectories) > 1 else 1
     rows = math.ceil(len(trajectories) / cols)
-    fig = _figure((SIZE[0], max(SIZE[1], 2.6 * rows)))
+    fig = _figure((SIZE[0], max(SIZE[1], 2.6 * rows) + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, traj in zip(axes.flat, trajectories, strict=False):
         if traj.low is not None and traj.high is not None:
@@ -178,15 +200,24 @@ def plot_trajectories(trajectories: Sequence[Trajectory], path: str) -> None:
             )
         ax.plot(traj.time, traj.true, color="black", linewidth=1.5, label="true RUL (capped)")
         ax.plot(traj.time, traj.pred, color=EARLY, linewidth=1.2, label="predicted")
-        ax.set_title(f"unit {traj.unit}", fontsize=9)
+        final = traj.true[-1] if len(traj.true) else float("nan")
+        known = f", true RUL {final:.0f} at its last cycle" if np.isfinite(final) else ""
+        ax.set_title(f"unit {traj.unit}{known}", fontsize=9)
         ax.set_xlabel("time (cycles)")
         ax.set_ylabel("RUL (cycles)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(trajectories) :]:
         ax.set_visible(False)
-    axes.flat[0].legend(loc="upper right", fontsize=7)
-    fig.suptitle("Test units over time: prediction at every window end", fontsize=10)
-    _save(fig, path)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(
+        f"{len(trajectories)} test units over time, prediction at every window end\n"
+        "units chosen to span the range of true RUL at their last cycle (nearest failure to "
+        "farthest), not the best or worst",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    _save(fig, path, layout=False)
 
 
 def plot_tft_explain(explanation: Explanation, path: str) -> None:
@@ -196,19 +227,47 @@ def plot_tft_explain(explanation: Explanation, path: str) -> None:
     order = np.argsort(explanation.importance)
     names = [explanation.features[i] for i in order]
     bars.barh(names, explanation.importance[order], color=EARLY, label="mean selection weight")
-    bars.set_xlabel("mean variable-selection weight (share, sums to 1)")
+    bars.set_xlabel("mean selection weight (sums to 1)")
     bars.set_ylabel("input")
     bars.set_title("Variable importance", fontsize=10)
     bars.tick_params(axis="y", labelsize=7)
     bars.legend(loc="lower right", fontsize=7)
     t = explanation.attention.shape[0]
+    attention, vmax = attention_view(explanation.attention)
     extent = (-t + 0.5, 0.5, 0.5, -t + 0.5)  # steps relative to the window's end (0 = now)
-    image = heat.imshow(explanation.attention, cmap="viridis", extent=extent, aspect="auto")
-    heat.set_xlabel("key step (cycles before the window's end)")
-    heat.set_ylabel("query step (cycles before the window's end)")
-    heat.set_title("Mean attention (heads and windows averaged)", fontsize=10)
-    fig.colorbar(image, ax=heat, label="attention weight")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+    image = heat.imshow(attention, cmap=cmap, vmin=0.0, vmax=vmax, extent=extent, aspect="auto")
+    heat.set_xlabel("earlier cycle attended to (cycles before the window's end)")
+    heat.set_ylabel("cycle predicting (cycles before the window's end)")
+    heat.set_title(
+        "Mean attention (heads and windows averaged)\n"
+        "each row: the prediction made at that cycle, and how much it draws on\n"
+        "each earlier cycle (a row sums to 1); the bottom row (0) is the one the\n"
+        "RUL is read from; grey: later cycles, which it cannot see",
+        fontsize=8,
+    )
+    fig.colorbar(
+        image,
+        ax=heat,
+        extend="max" if vmax < np.nanmax(attention) else "neither",
+        label="attention weight (scale capped so later rows show)",
+    )
     _save(fig, path)
+
+
+def attention_view(attention: np.ndarray) -> tuple[np.ndarray, float]:
+    """The causal attention map with the steps a query cannot see blanked (NaN), and a colour
+    cap: the 99th percentile of the weights of the rows that see at least a quarter of the
+    window. The first query sees only itself (weight 1) and the next few a handful of steps, so
+    scaled to the maximum every row with a real choice to make would be dark."""
+    attention = np.asarray(attention, np.float64)
+    t = attention.shape[0]
+    visible = np.tril(np.ones((t, t), bool))
+    shown = np.where(visible, attention, np.nan)
+    rows = visible & (np.arange(t)[:, None] >= max(t // 4, 1))
+    values = attention[rows] if rows.any() else attention[visible]
+    vmax = float(np.percentile(values, 99)) if values.size else 1.0
+    return shown, vmax if vmax > 0 else 1.0
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], path: str, best_step: int | None) -> None:
@@ -330,12 +389,8 @@ def collect_trajectories(
     chosen = pick_units(windows, count)
     rows = np.concatenate([np.flatnonzero(windows.row_unit == u) for u in chosen])
     out = run_windows(outputs, params, dataclasses.replace(windows, ends=rows))
-    band = metrics.interval_columns(quantiles)
-    low = high = None
-    if calibrated is not None:
-        low, high = calibrated.bands(out["pred"], out["point"], quantiles)
-    elif band is not None:
-        low, high = out["pred"][:, band[0]], out["pred"][:, band[1]]
+    table = calibration.quantile_table(out["pred"], out["point"], quantiles, calibrated)
+    low, high = calibration.interval_of(table) or (None, None)
     result = []
     for u in chosen:
         sel = windows.row_unit[rows] == u

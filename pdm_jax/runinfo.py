@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform as pyplatform
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -52,14 +53,32 @@ def git_commit(path: str | None = None) -> str | None:
     return commit + ("+dirty" if dirty.stdout.strip() else "") if commit else None
 
 
-def collect(layout: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as the user typed it, to paste back into a shell.
+
+    `sys.argv` holds `.../pdm_jax/main.py` for `python -m pdm_jax.main`; the interpreter's own
+    argv (`sys.orig_argv`) keeps the `-m`. The interpreter's path becomes `python` (the one on
+    PATH in the run's environment), and a console script its name alone.
+    """
+    argv = list(sys.orig_argv if argv is None else argv)
+    if argv and os.path.basename(argv[0]).startswith("python"):
+        argv[0] = "python"
+        if len(argv) > 1 and not argv[1].startswith("-") and os.path.basename(argv[1]) == "pdm-jax":
+            argv = argv[1:]
+    if argv and os.path.basename(argv[0]) == "pdm-jax":
+        argv[0] = "pdm-jax"
+    return shlex.join(argv)
+
+
+def collect(platform_and_layout: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """`platform_and_layout` is `platform.to_dict`'s {'platform': ..., 'layout': ...}."""
     return {
         "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": sys.argv,
+        "command": command_line(),
         "python": sys.version.split()[0],
         "os": pyplatform.platform(),
         "packages": versions(),
         "git_commit": git_commit(),
-        "layout": layout,
+        **platform_and_layout,
         "data": data,
     }

@@ -41,7 +41,7 @@ from pdm_jax import (
     runinfo,
     steps,
 )
-from pdm_jax.data import dataset
+from pdm_jax.data import cmapss, dataset
 from pdm_jax.data.pipeline import Windows, eval_batches, host_share
 from pdm_jax.errors import ConfigError, DataError
 from pdm_jax.models import layers
@@ -301,9 +301,11 @@ def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
     """Platform layout, resolved config, data, model and optimizer state on the mesh; writes
     config.json and run_info.json (process 0)."""
     parallel.initialize(config)
+    given = config
     detected, layout, config, options = setup(config)
     primary = jax.process_index() == 0
-    log.info("resolved config:\n%s", config)
+    resolved = configuration.describe(configuration.changes(given, config))
+    log.info("resolved: %s", resolved or "nothing was 'auto'")
     if primary:
         os.makedirs(workdir, exist_ok=True)
         configuration.save(config, workdir)
@@ -424,19 +426,27 @@ def test_report(
         for u, t, p in zip(result["unit"], result["true"], result["pred"], strict=True)
     ]
     scores = {k: result[k] for k in ("rmse", "mae", "phm08", "count")}
-    band = metrics.interval_columns(quantiles)
+    outputs, point = result["outputs"], result["pred"]
+    band = calibration.interval_of(calibration.quantile_table(outputs, point, quantiles))
     if band is not None:
-        low, high = result["outputs"][:, band[0]], result["outputs"][:, band[1]]
-        scores["coverage_p10_p90"] = metrics.interval_coverage(low, high, result["true"])
+        scores["coverage_p10_p90"] = metrics.interval_coverage(*band, result["true"])
         if calibrated is not None:
             scores["coverage_p10_p90_raw"] = scores.pop("coverage_p10_p90")
     if calibrated is not None:
-        low, high = calibrated.bands(result["outputs"], result["pred"], quantiles)
-        scores["coverage_p10_p90"] = metrics.interval_coverage(low, high, result["true"])
-    if band is not None or calibrated is not None:
-        for row, lo, hi in zip(per_unit, low, high, strict=True):
+        table = calibration.quantile_table(outputs, point, quantiles, calibrated)
+        band = calibration.interval_of(table, calibrated.interval)
+        scores["coverage_p10_p90"] = metrics.interval_coverage(*band, result["true"])
+    if band is not None:
+        for row, lo, hi in zip(per_unit, *band, strict=True):
             row.update(p10=float(lo), p90=float(hi))
     return {"test": scores, "per_unit": per_unit}
+
+
+def input_labels(source: str, names: Sequence[str]) -> tuple[str, ...]:
+    """The model's inputs as plots name them: C-MAPSS columns say what they measure."""
+    if source == "cmapss":
+        return tuple(cmapss.label(n) for n in names)
+    return tuple(names)
 
 
 def write_plots(
@@ -468,7 +478,7 @@ def write_plots(
             parallel.to_host(params),
             test_windows,
             run.prepared.raw.test.unit_labels if test_windows is not None else (),
-            run.prepared.inputs,
+            input_labels(run.config.data.source, run.prepared.inputs),
             explain_windows=test_windows if test_windows is not None else run.prepared.val,
             calibrated=calibrated,
         )

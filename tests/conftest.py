@@ -1,7 +1,12 @@
 """Shared fixtures: where the real C-MAPSS files are, and a CSV-writing helper.
 
-Tests read the real benchmark from ../shared/data/cmapss (or $PDM_DATA_DIR); when it is missing
-they fail with a clear message instead of skipping, because a skipped data test proves nothing.
+Tests read the real benchmark, all 12 NASA files (train_/test_/RUL_FD001..FD004.txt), found as a
+user's run finds its data, in this order: $PDM_DATA_DIR; the repository's sibling
+`../shared/data/cmapss` where it exists; the user cache (`~/.cache/pdm_jax/cmapss`, or under
+$XDG_CACHE_HOME); else NASA's zip is downloaded into the user cache, every file checked against
+its pinned sha256 (`scripts/download_cmapss.py` does the same by hand). When all of these fail,
+the tests that need the files fail with one message saying what to set, rather than skipping,
+because a skipped data test proves nothing.
 """
 
 import json
@@ -18,22 +23,61 @@ os.environ["XLA_FLAGS"] = " ".join(
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+SIBLING_DATA = REPO.parent / "shared" / "data" / "cmapss"
 
 
-def shared_cmapss_dir() -> pathlib.Path:
-    env = os.environ.get("PDM_DATA_DIR")
-    return pathlib.Path(env) if env else REPO.parent / "shared" / "data" / "cmapss"
+class MissingData(Exception):
+    """No place held the C-MAPSS files and the download failed: the message says what to set."""
+
+
+def _complete(directory: pathlib.Path) -> bool:
+    from pdm_jax.data import cmapss
+
+    names = [f for subset in cmapss.SUBSETS for f in cmapss.subset_files(subset)]
+    return all((directory / name).is_file() for name in names)
+
+
+def find_test_data(
+    env_dir: str | None = None,
+    sibling: pathlib.Path = SIBLING_DATA,
+    cache: pathlib.Path | None = None,
+    url: str | None = None,
+    timeout: float = 60.0,
+) -> pathlib.Path:
+    """The first of $PDM_DATA_DIR, the sibling directory and the user cache that holds all 12
+    files; else downloads NASA's zip into the cache (sha256-checked, all files or none)."""
+    from pdm_jax.data import cmapss, download
+    from pdm_jax.errors import DataError
+
+    cache = cache if cache is not None else cmapss.cache_dir()
+    looked = []
+    for label, directory in (
+        (f"${cmapss.ENV_DATA_DIR}", pathlib.Path(env_dir).expanduser() if env_dir else None),
+        ("the repository's sibling", sibling),
+        ("the user cache", cache),
+    ):
+        if directory is not None and _complete(directory):
+            return directory
+        looked.append(f"{label} ({directory if directory is not None else 'unset'})")
+    url = url or download.DEFAULT_URL
+    try:
+        return download.download_cmapss(dest=cache, url=url, timeout=timeout, progress=False)
+    except DataError as err:
+        raise MissingData(
+            f"C-MAPSS FD001-FD004 not found in {', '.join(looked)}, and downloading {url} failed "
+            f"({err}); set ${cmapss.ENV_DATA_DIR} to a directory holding the 12 NASA files "
+            "train_/test_/RUL_FD001..FD004.txt"
+        ) from None
 
 
 @pytest.fixture(scope="session")
 def cmapss_dir() -> pathlib.Path:
-    directory = shared_cmapss_dir()
-    if not (directory / "train_FD002.txt").is_file():
-        pytest.fail(
-            f"C-MAPSS reference files not found in {directory}; set PDM_DATA_DIR to a directory "
-            "holding the 12 NASA text files"
-        )
-    return directory
+    """Runs before the autouse fixture below hides $PDM_DATA_DIR and the cache (session scope
+    first), so it sees the user's own."""
+    try:
+        return find_test_data(os.environ.get("PDM_DATA_DIR"))
+    except MissingData as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def test_fitted_band_covers_eighty_percent_of_fresh_units(quantiles, raw_halfwid
     assert 0.78 <= _coverage(low, high, true) <= 0.82
     assert 0.08 <= float((true < low).mean()) <= 0.12  # a tenth below, a tenth above
     assert 0.08 <= float((true > high).mean()) <= 0.12
-    assert (low <= high).all() and (low >= 0).all()
+    assert (low <= point).all() and (point <= high).all()
+    assert (low >= np.minimum(point, 0)).all()  # the floor is 0 cycles unless the point is below
     if quantiles:
         raw_low, raw_high = out[:, 0], out[:, 2]
         raw = _coverage(raw_low, raw_high, true)
@@ -119,3 +120,53 @@ def test_windows_at_the_cap_do_not_narrow_the_lower_side():
         overall = _coverage(low, high, true)
     assert coverage[0.0] < 0.7 and coverage[125.0] >= 0.75, coverage
     assert 0.75 <= overall <= 0.9
+
+
+def test_a_band_always_holds_its_own_prediction():
+    """A negative shift (a raw band wider than it needed to be) narrows the band; near failure
+    it could pass the point prediction, as it did for FD001 test units predicted at 1-2 cycles."""
+    fit_out, fit_point, fit_true = _sample(5000, 0, raw_halfwidth=3.0)
+    cal = calibration.fit(fit_out, fit_point, fit_true, QUANTILES, step=1)
+    assert min(cal.low) < 0 and min(cal.high) < 0  # the band narrows on both sides
+    point = np.array([-2.0, 0.5, 1.6, 60.0, 125.0])
+    out = np.stack([point - 0.1, point, point + 0.1], axis=1)  # raw band just around the point
+    low, high = cal.bands(out, point, QUANTILES)
+    assert (low <= point).all() and (point <= high).all()
+    assert (low[1:] >= 0).all() and low[0] == -2.0  # 0 is the floor unless the point is below
+
+
+def test_quantile_table_is_monotone_through_the_point():
+    quantiles = (0.9, 0.02, 0.5, 0.1, 0.98)  # any order, as a config may list them
+    point = np.array([50.0, 10.0, 80.0])
+    out = np.array(
+        [
+            [40.0, 45.0, 50.0, 55.0, 70.0],  # p90 below the median, p10 above it
+            [12.0, 30.0, 10.0, 11.0, 9.0],  # everything crossed
+            [90.0, 70.0, 80.0, 75.0, 95.0],  # in order already: untouched
+        ]
+    )
+    table = calibration.quantile_table(out, point, quantiles)
+    assert list(table) == [0.02, 0.1, 0.9, 0.98]
+    values = np.stack(list(table.values()), axis=1)
+    assert (np.diff(values, axis=1) >= 0).all()
+    assert (values[:, :2] <= point[:, None]).all() and (values[:, 2:] >= point[:, None]).all()
+    np.testing.assert_array_equal(values[2], [70.0, 75.0, 90.0, 95.0])
+    np.testing.assert_array_equal(values[0], [45.0, 50.0, 50.0, 70.0])
+    cal = calibration.Calibration((0.1, 0.9), (), (-30.0,), (-30.0,), (10,), step=1)
+    table = calibration.quantile_table(out, point, quantiles, cal)
+    values = np.stack(list(table.values()), axis=1)  # a narrowed band pulls p02 and p98 in too
+    assert (np.diff(values, axis=1) >= 0).all()
+    low, high = calibration.interval_of(table)
+    np.testing.assert_array_equal(low, point)
+    np.testing.assert_array_equal(high, point)
+
+
+def test_a_point_models_table_is_its_calibrated_band():
+    cal = calibration.Calibration((0.1, 0.9), (), (5.0,), (7.0,), (10,), step=1)
+    point = np.array([3.0, 100.0])
+    table = calibration.quantile_table(point[:, None], point, (), cal)
+    assert list(table) == [0.1, 0.9]
+    np.testing.assert_array_equal(table[0.1], [0.0, 95.0])
+    np.testing.assert_array_equal(table[0.9], [10.0, 107.0])
+    assert calibration.quantile_table(point[:, None], point, ()) == {}
+    assert calibration.interval_of({}) is None

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from pdm_jax import configuration
-from pdm_jax.checkpoint import _flatten
+from pdm_jax.configuration import flatten
 from tests.conftest import REPO, load_config
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "common")
@@ -24,8 +24,8 @@ def test_config_loads_and_validates(name):
         assert cfg.data.subset == subset.group(1).upper()
         base = load_config(name[: subset.start()])
         assert cfg.model.name == base.model.name
-        flat_base = _flatten(base.to_dict())
-        changed = {k for k, v in _flatten(cfg.to_dict()).items() if flat_base.get(k) != v}
+        flat_base = flatten(base.to_dict())
+        changed = {k for k, v in flatten(cfg.to_dict()).items() if flat_base.get(k) != v}
         assert changed <= {
             "data.subset",
             "data.window",

@@ -51,11 +51,11 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize(
     ("args", "devices", "line"),
     [
-        (["--config.train.bogus=1"], 1, "error: config.train.bogus: no such config key"),
+        (["--config.train.bogus=1"], 1, "error: --config.train.bogus: no such config key"),
         (
             ["--config.train.batch_size=abc"],
             1,
-            "error: config.train.batch_size: cannot parse 'abc'",
+            "error: --config.train.batch_size: cannot parse 'abc'",
         ),
         (["--config.model.name=xgb"], 1, "error: config.model.name: expected one of"),
         (["--config.model.quantiles=(0.5,1.5)"], 1, "error: config.model.quantiles: expected"),
@@ -183,8 +183,11 @@ def test_main_trains_and_reports(tmp_path):
     assert scalars["train/loss"] and scalars["test/rmse"]
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["packages"]["jax"] and info["data"]["fingerprint"]
-    assert info["layout"]["platform"]["backend"] == "cpu"
-    assert info["layout"]["layout"]["grad_accum"] == 1
+    # The command as typed, to paste back (sys.argv would say .../pdm_jax/main.py).
+    assert info["command"].startswith("python -m pdm_jax.main --config=configs/cnn_bilstm.py ")
+    assert set(info) >= {"platform", "layout"} and "layout" not in info["layout"]
+    assert info["platform"]["backend"] == "cpu"
+    assert info["layout"]["grad_accum"] == 1
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["train"]["grad_accum"] == 1 and resolved["compute"]["dtype"] == "float32"
     report = json.loads((tmp_path / "report.json").read_text())

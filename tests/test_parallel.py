@@ -71,7 +71,7 @@ def test_one_device_and_eight_devices_train_the_same(tmp_path):
     log = _finish(_main([*TINY_CNN, f"--workdir={eight}"], devices=8))
     assert "(8, 1)" in log  # the auto layout used all eight devices on the data axis
     info = json.loads((eight / "run_info.json").read_text())
-    assert info["layout"]["layout"]["mesh_shape"] == [8, 1]
+    assert info["layout"]["mesh_shape"] == [8, 1]
     report = json.loads((eight / "report.json").read_text())
     assert report["layout"]["per_device_batch"] == 8
     a, b = _losses(one), _losses(eight)

@@ -119,6 +119,7 @@ def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_fil
     assert frame["unit"].tolist() == [u["unit"] for u in per_unit] == list(range(1, 101))
     for column, key in (("rul_pred", "pred"), ("rul_p10", "p10"), ("rul_p90", "p90")):
         np.testing.assert_allclose(frame[column], [u[key] for u in per_unit], rtol=1e-5, atol=1e-4)
+    _assert_ordered(frame)
     history = cmapss.read_history(test_file)
     last = history.groupby("unit", sort=False)["cycle"].max().to_numpy()
     np.testing.assert_array_equal(frame["time"], last)
@@ -175,6 +176,18 @@ def test_step_selection(runs, test_file):
         predict.read_saved(uri, "first")
 
 
+def _assert_ordered(frame: pd.DataFrame) -> None:
+    """Every row's quantile columns ascend through its point prediction: a band never excludes
+    the prediction it is drawn around."""
+    columns = sorted(c for c in frame.columns if c[:5] == "rul_p" and c[5:6].isdigit())
+    assert columns
+    values = frame[columns].to_numpy()
+    point = frame["rul_pred"].to_numpy()[:, None]
+    below, above = values[:, : len(columns) // 2], values[:, len(columns) // 2 :]
+    assert (np.diff(values, axis=1) >= 0).all()
+    assert (below <= point).all() and (above >= point).all()
+
+
 def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     report = _report(runs["tft"])
     assert json.loads((runs["tft"] / "config.json").read_text())["model"]["ensemble"] == 2
@@ -184,13 +197,13 @@ def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     np.testing.assert_allclose(
         raw["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
     )
-    inside = (raw["rul_p10"] <= raw["rul_pred"]) & (raw["rul_pred"] <= raw["rul_p90"])
-    assert inside.mean() >= 0.9, inside.mean()
+    _assert_ordered(raw)
     pd.testing.assert_frame_equal(pd.read_parquet(out), raw)
     # By default the band is the calibrated one the report scored, not the model's own.
     frame = predict.predict_files(f"file://{runs['tft']}", [test_file])
     assert list(frame.columns) == list(raw.columns)
     pd.testing.assert_series_equal(frame["rul_pred"], raw["rul_pred"])
+    _assert_ordered(frame)
     for column, key in (("rul_p10", "p10"), ("rul_p90", "p90")):
         np.testing.assert_allclose(
             frame[column], [u[key] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
@@ -305,6 +318,25 @@ def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tm
     np.testing.assert_allclose(frame["rul_pred"], one["rul_pred"], rtol=1e-5, atol=1e-4)
 
 
+def test_the_readmes_example_runs_as_written(runs, tmp_path):
+    """The README's batch-inference command, with the main job's run directory (a TFT) and the
+    output file swapped for this test's: its input ships in the clone."""
+    line = next(
+        ln
+        for ln in (REPO / "README.md").read_text().splitlines()
+        if ln.startswith("python scripts/predict.py --checkpoint=runs/fd001")
+    )
+    args = line.split()[2:]
+    args = [f"--checkpoint={runs['tft']}" if a.startswith("--checkpoint=") else a for a in args]
+    args = [f"--output={tmp_path / 'pred.csv'}" if a.startswith("--output=") else a for a in args]
+    proc = _script(*args)
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(tmp_path / "pred.csv")
+    assert list(frame.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
+    assert len(frame) == 100
+    _assert_ordered(frame)
+
+
 def test_streamed_prediction_matches_the_whole_file(runs, test_file, tmp_path):
     """Inputs read 1000 rows at a time (units straddle the cuts) and predictions written as they
     come give the rows the in-memory prediction gives, for each input and output format."""
@@ -385,8 +417,16 @@ def test_script_nonexistent_checkpoint_is_one_error_line(tmp_path, test_file):
 def test_library_errors_name_the_problem(runs, tmp_path):
     bad = tmp_path / "text.csv"
     bad.write_text("unit,cycle\n1,1\n")
-    with pytest.raises(DataError, match=r"text\.csv: missing column\(s\) 'setting_1'"):
+    with pytest.raises(DataError, match=r"text\.csv: missing column\(s\) 'setting_1'") as err:
         predict.predict_files(str(runs["cnn"]), [str(bad)], show_progress=False)
+    # Every column the checkpoint reads is named, so one error says how to fix the whole file.
+    reads = "unit, cycle, setting_1, setting_2, setting_3, s_2, s_3, s_4, s_7, s_8, s_9, s_11"
+    assert f"the checkpoint's model reads {reads}, " in str(err.value)
+    assert str(err.value).endswith("s_21 (C-MAPSS names, as the model was trained on C-MAPSS)")
+    timed = tmp_path / "timed.csv"
+    timed.write_text("unit,time\n1,1\n")
+    with pytest.raises(DataError, match=r"missing column\(s\) 'cycle', 'setting_1'"):
+        predict.predict_files(str(runs["cnn"]), [str(timed)], show_progress=False)
     with pytest.raises(ConfigError, match=r"--output: .*unsupported extension"):
         predict.predict_files(str(runs["cnn"]), [str(bad)], tmp_path / "out.xlsx")
     with pytest.raises(ConfigError, match="no complete checkpoint"):

@@ -97,6 +97,76 @@ def test_point_models_are_plotted_without_a_band(tmp_path):
     assert_real_png(tmp_path / "b.png")
 
 
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """The figures the plots save, by file name, to read what they say."""
+    seen: dict = {}
+    save = report._save
+
+    def keep(fig, path, **kwargs):
+        seen[path.rsplit("/", 1)[-1]] = fig
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return seen
+
+
+def _texts(fig) -> str:
+    parts = [t.get_text() for t in fig.texts]
+    parts += [fig._suptitle.get_text()] if fig._suptitle else []
+    for ax in fig.axes:
+        parts += [t.get_text() for t in ax.texts] + [ax.get_title()]
+        legend = ax.get_legend()
+        parts += [t.get_text() for t in legend.get_texts()] if legend else []
+    return "\n".join(parts)
+
+
+def test_plots_say_what_they_show(tmp_path, figures):
+    report.plot_pred_vs_true(synthetic_report(quantiles=True), str(tmp_path / "p.png"))
+    text = _texts(figures["p.png"])
+    assert "late = predicted RUL above the true RUL: the costly side" in text
+    assert "early: predicted below the truth" in text and "late: predicted above" in text
+    report.plot_trajectories(trajectories(band=True), str(tmp_path / "t.png"))
+    fig = figures["t.png"]
+    assert "chosen to span the range of true RUL at their last cycle" in _texts(fig)
+    # One legend for the figure, outside the panels, instead of one inside the first panel.
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "p10-p90",
+        "true RUL (capped)",
+        "predicted",
+    ]
+    assert "unit 7, true RUL 10 at its last cycle" in _texts(fig)
+
+
+def test_attention_colours_are_scaled_to_the_rows_with_a_choice(tmp_path, figures):
+    """Causal attention: row 0 can only attend to itself (weight 1), rows near it to a few steps;
+    scaled to the maximum, the rest of the map would be one dark colour."""
+    t = 30
+    visible = np.tril(np.ones((t, t)))
+    uniform = visible / visible.sum(axis=1, keepdims=True)
+    shown, vmax = report.attention_view(uniform)
+    assert np.isnan(shown[np.triu_indices(t, 1)]).all()  # later steps: not visible
+    assert vmax == pytest.approx(1 / 8)  # the widest weight among rows 7..29 (row 7 sees 8)
+    assert shown[0, 0] == 1.0 > vmax
+    explanation = report.Explanation(tuple(f"s_{i}" for i in range(5)), np.ones(5) / 5, uniform)
+    report.plot_tft_explain(explanation, str(tmp_path / "x.png"))
+    text = _texts(figures["x.png"])
+    assert "each row: the prediction made at that cycle" in text
+    assert_real_png(tmp_path / "x.png")
+
+
+def test_cmapss_inputs_are_labelled_with_what_they_measure():
+    names = ("s_9", "s_11", "time", "s_9-baseline")
+    assert train.input_labels("cmapss", names) == (
+        "s_9 Nc (core speed)",
+        "s_11 Ps30 (HPC outlet static pressure)",
+        "time (age in cycles)",
+        "s_9 Nc (core speed), change since early life",
+    )
+    assert train.input_labels("csv", ("s_9", "vib")) == ("s_9", "vib")
+
+
 def test_write_plots_skips_what_it_has_no_inputs_for(tmp_path):
     # --mode=train or data without test truth: no per-unit errors, no metrics yet.
     assert report.write_plots(str(tmp_path), {"model": "cnn_bilstm"}) == []
@@ -218,7 +288,7 @@ def test_a_checkpoints_band_is_dropped_when_calibration_is_off():
     assert train.saved_calibration(meta, cfg) is None
 
 
-def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog):
+def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog, figures):
     cfg = tiny_run(load_config("tft"))
     cfg.data.val_fraction = 0.0  # no validation: one predict compile fewer (the CNN run has it)
     cfg.model.tft.hidden = 8
@@ -226,6 +296,8 @@ def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog):
     cfg.model.tft.var_hidden = 4
     with caplog.at_level(logging.INFO, logger="pdm_jax.train"):
         train.train_and_evaluate(cfg, str(tmp_path))
+    explained = figures["tft_explain.png"].axes[0]
+    assert "s_9 Nc (core speed)" in [t.get_text() for t in explained.get_yticklabels()]
     saved = json.loads((tmp_path / "report.json").read_text())
     # No validation units, no calibration: the band is the model's own quantiles, and says so.
     assert "calibration" not in saved and "coverage_p10_p90_raw" not in saved["test"]
@@ -235,6 +307,7 @@ def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog):
     inside = [u["p10"] <= u["true"] <= u["p90"] for u in units]
     assert coverage == pytest.approx(np.mean(inside)) and 0.0 <= coverage <= 1.0
     assert all(set(u) == {"unit", "true", "pred", "error", "p10", "p90"} for u in units)
+    assert all(u["p10"] <= u["pred"] <= u["p90"] for u in units)  # the raw heads are held too
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert "tft_explain.png" in plots and "trajectories.png" in plots
     assert_real_png(tmp_path / "plots" / "tft_explain.png")

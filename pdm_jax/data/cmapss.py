@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pdm_jax.data import validate
-from pdm_jax.data.table import DATASET, RUL, TIME, UNIT, RawData, RunTable
+from pdm_jax.data.table import BASELINE_SUFFIX, DATASET, RUL, TIME, UNIT, RawData, RunTable
 from pdm_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,45 @@ ALL_SENSORS = tuple(f"s_{i}" for i in range(1, 22))
 COLUMNS = ("unit", "cycle", *SETTINGS, *ALL_SENSORS)
 # The 14 sensors that carry information in every subset (DESIGN.md, C-MAPSS protocol).
 INFORMATIVE_SENSORS = tuple(f"s_{i}" for i in (2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21))
+
+# What each column measures (Saxena et al., PHM08, table 2), for labels a maintenance engineer
+# reads without the paper at hand.
+DESCRIPTIONS = {
+    "setting_1": "altitude",
+    "setting_2": "Mach number",
+    "setting_3": "throttle resolver angle",
+    "s_1": "T2 (fan inlet temperature)",
+    "s_2": "T24 (LPC outlet temperature)",
+    "s_3": "T30 (HPC outlet temperature)",
+    "s_4": "T50 (LPT outlet temperature)",
+    "s_5": "P2 (fan inlet pressure)",
+    "s_6": "P15 (bypass-duct pressure)",
+    "s_7": "P30 (HPC outlet pressure)",
+    "s_8": "Nf (fan speed)",
+    "s_9": "Nc (core speed)",
+    "s_10": "epr (engine pressure ratio)",
+    "s_11": "Ps30 (HPC outlet static pressure)",
+    "s_12": "phi (fuel flow / Ps30)",
+    "s_13": "NRf (corrected fan speed)",
+    "s_14": "NRc (corrected core speed)",
+    "s_15": "BPR (bypass ratio)",
+    "s_16": "farB (burner fuel-air ratio)",
+    "s_17": "htBleed (bleed enthalpy)",
+    "s_18": "Nf_dmd (demanded fan speed)",
+    "s_19": "PCNfR_dmd (demanded corrected fan speed)",
+    "s_20": "W31 (HPT coolant bleed)",
+    "s_21": "W32 (LPT coolant bleed)",
+    "time": "(age in cycles)",
+}
+
+
+def label(name: str) -> str:
+    """'s_9 Nc (core speed)' for 's_9'; a baseline input says what it is; other names as given."""
+    if name.endswith(BASELINE_SUFFIX):
+        return f"{label(name[: -len(BASELINE_SUFFIX)])}, change since early life"
+    description = DESCRIPTIONS.get(name)
+    return f"{name} {description}" if description else name
+
 
 # sha256 of the original text files, from shared/data/cmapss/SOURCE.md.
 SHA256 = {

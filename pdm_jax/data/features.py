@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pdm_jax.data.table import RUL, TIME, RunTable
+from pdm_jax.data.table import BASELINE_SUFFIX, RUL, TIME, RunTable
 from pdm_jax.errors import DataError
 
 # A gap between sorted distinct setting values separates two operating points when it is wider
@@ -212,7 +212,7 @@ def _levelled_columns(scaler: Scaler, cycles: int) -> list[int]:
 
 def baseline_inputs(scaler: Scaler, cycles: int) -> tuple[str, ...]:
     """Names of the extra inputs `with_baseline` appends, in order."""
-    return tuple(f"{scaler.features[i]}-baseline" for i in _levelled_columns(scaler, cycles))
+    return tuple(scaler.features[i] + BASELINE_SUFFIX for i in _levelled_columns(scaler, cycles))
 
 
 def with_baseline(

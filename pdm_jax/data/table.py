@@ -15,6 +15,7 @@ UNIT = "unit"
 TIME = "time"
 DATASET = "dataset"
 RUL = "rul"
+BASELINE_SUFFIX = "-baseline"  # a sensor's change since its unit's early life (features)
 
 
 @dataclasses.dataclass(frozen=True)

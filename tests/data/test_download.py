@@ -17,24 +17,16 @@ import pytest
 
 from pdm_jax.data import cmapss, download
 from pdm_jax.errors import DataError
-from tests.conftest import load_config, shared_cmapss_dir
+from tests.conftest import MissingData, find_test_data, load_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 ALL_FILES = [name for subset in cmapss.SUBSETS for name in cmapss.subset_files(subset)]
 
 
 @pytest.fixture(scope="module")
-def originals() -> dict[str, bytes]:
+def originals(cmapss_dir) -> dict[str, bytes]:
     """The real files (read-only: never written to)."""
-    directory = shared_cmapss_dir()
-    missing = [name for name in ALL_FILES if not (directory / name).is_file()]
-    if missing:
-        pytest.fail(
-            f"C-MAPSS reference files missing from {directory}: {', '.join(missing)} "
-            f"(set ${cmapss.ENV_DATA_DIR} to a directory holding all 12 files)",
-            pytrace=False,
-        )
-    return {name: (directory / name).read_bytes() for name in ALL_FILES}
+    return {name: (cmapss_dir / name).read_bytes() for name in ALL_FILES}
 
 
 def _nasa_zip(files: dict[str, bytes]) -> bytes:
@@ -238,3 +230,25 @@ def test_training_data_path_downloads_a_missing_subset_into_the_cache(
     cfg.download = False
     with pytest.raises(DataError, match="C-MAPSS FD002 not found"):
         sources.load(cfg)
+
+
+def test_the_tests_find_their_data_as_documented(server, cmapss_dir, tmp_path):
+    """$PDM_DATA_DIR, then the sibling directory, then the user cache, then a checked download
+    into the cache; a directory counts only with all 12 files."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train_FD001.txt").write_bytes((cmapss_dir / "train_FD001.txt").read_bytes())
+    cache, nowhere = tmp_path / "cache", tmp_path / "nowhere"
+    dead = server.url("nope.zip")
+    assert find_test_data(str(cmapss_dir), nowhere, cache, url=dead) == cmapss_dir
+    assert find_test_data(str(partial), cmapss_dir, cache, url=dead) == cmapss_dir
+    assert find_test_data(None, partial, cmapss_dir, url=dead) == cmapss_dir
+    assert not cache.exists()
+    assert find_test_data(None, nowhere, cache, url=server.url("good.zip")) == cache
+    assert sorted(p.name for p in cache.iterdir()) == sorted(ALL_FILES)
+    with pytest.raises(MissingData) as err:
+        find_test_data(str(partial), nowhere, tmp_path / "empty", url=dead)
+    message = str(err.value)
+    assert "\n" not in message and "set $PDM_DATA_DIR to a directory" in message
+    for where in (str(partial), str(nowhere), str(tmp_path / "empty"), dead):
+        assert where in message
