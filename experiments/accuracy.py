@@ -1,4 +1,4 @@
-"""Issue 9's accuracy table: the better model (the CNN-BiLSTM) on every C-MAPSS subset, five seeds.
+"""The accuracy table: the better model (the CNN-BiLSTM) on every C-MAPSS subset, five seeds.
 
 Seeds 0-2 are the first-bar plan's rows (same ids, same default config, same commands), so their
 result lines were copied from `results/first_bar.jsonl` (each keeps `"plan": "first_bar"` and
@@ -9,12 +9,12 @@ cannot pin down to better than ~0.5 RMSE.
 The per-subset configs (`configs/cnn_bilstm_fd001.py`: windows of 80 cycles, learning rate 3e-4
 and each sensor's change since the mean of the unit's first 40 cycles as extra inputs;
 `configs/cnn_bilstm_fd003.py`: windows of 80 and the change since the first 20 cycles; chosen on
-validation in the sixth and seventh sessions' search) have rows of their own. All five seeds of
+validation in the search of `experiments/search_cnn.py`) have rows of their own. All five seeds of
 each ran as the search's `w80lr3b40` / `w80b20` runs (`runs/sweep/run.sh`, the same config as
 overrides of `configs/cnn_bilstm.py`) and were recorded with the command that actually ran,
 after their `config.json` was checked key by key against the per-subset config. The rows of the
-sixth session's per-subset configs (no baseline inputs), and FD001's with the first 20 cycles,
-are in `results/history/`.
+earlier per-subset configs (no baseline inputs), and FD001's with the first 20 cycles, are in
+`results/history/`.
 
 Loaded by path (`pdm_jax.configuration.load_module`) by `scripts/experiments.py`.
 """
@@ -26,7 +26,7 @@ from typing import Any
 MODEL = "cnn_bilstm"
 SUBSETS = ("FD001", "FD002", "FD003", "FD004")
 SEEDS = (0, 1, 2, 3, 4)
-# Targets (issue 9): the best published mean test RMSE per subset that we hold ourselves to.
+# Targets: the best published mean test RMSE per subset that we hold ourselves to.
 TARGETS = {"FD001": 11.0, "FD002": 12.6, "FD003": 10.9, "FD004": 14.1}
 
 

@@ -1,12 +1,12 @@
-"""The CNN-BiLSTM search of the fifth to seventh sessions (issue 9): variants of the default
-config, scored on validation RMSE, one row per variant, subset and seed.
+"""The CNN-BiLSTM search: variants of the default config, scored on validation RMSE, one row per
+variant, subset and seed.
 
-Every variant is written as overrides of today's `configs/cnn_bilstm.py`, so each row reruns
+Every variant is written as overrides of the current `configs/cnn_bilstm.py`, so each row reruns
 with one command (`scripts/experiments.py --plan=experiments/search_cnn.py --only=ROW_ID`) at
 any later commit that keeps those keys. `default` is the config the search chose (the unit's age
-as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. The sixth session
-chose `w80lr3` for FD001 and `w80` for FD003; the seventh added the sensors' changes since
-each unit's early-life level on top (`w80lr3b40` for FD001, `w80b20` for FD003:
+as an input, dropout 0.3, weight decay 3e-2); `v1` is the default before it. Among longer
+windows it chose `w80lr3` for FD001 and `w80` for FD003, then added on top the sensors' changes
+since each unit's early-life level (`w80lr3b40` for FD001, `w80b20` for FD003:
 `configs/cnn_bilstm_fd001.py`, `_fd003.py`).
 Rows run with `runs/sweep/run.sh` (checkpoints off) were recorded into the results by
 `make_record` from their run directories; their `command` is the one that actually ran.
@@ -29,14 +29,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ens3d3": {**NO_AGE, "model.ensemble": 3},  # d3wd3 as a three-member ensemble
     "b128": {"train.batch_size": 128},
     "w30": {"data.window": 30},
-    # Sixth session: longer windows, and Gaussian jitter of the readings against the early
-    # overfitting (FD001's best validation step comes after ~5 epochs).
+    # Longer windows, and Gaussian jitter of the readings against the early overfitting (FD001's
+    # best validation step comes after ~5 epochs).
     "w80": {"data.window": 80},
     "w80n15": {"data.window": 80, "train.input_noise": 0.15},
     "w120": {"data.window": 120},
     "w80lr3": {"data.window": 80, "train.learning_rate": 3e-4},
-    # Seventh session: each sensor's change since its unit's first 20 cycles as extra inputs, on
-    # top of each subset's sixth-session choice (w80lr3 for FD001, w80 for FD003).
+    # Each sensor's change since its unit's first 20 cycles as extra inputs, on top of each
+    # subset's choice among the longer windows (w80lr3 for FD001, w80 for FD003).
     "w80lr3b20": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 20},
     "w80b20": {"data.window": 80, "data.baseline_cycles": 20},
     "w80lr3b10": {"data.window": 80, "train.learning_rate": 3e-4, "data.baseline_cycles": 10},

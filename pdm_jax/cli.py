@@ -7,13 +7,16 @@ lazily, on first use, with a 39-line chain) or as a `KeyError`'s repr with liter
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from absl import flags
+from absl import flags, logging
+from ml_collections import config_flags
 
 from pdm_jax import configuration
 
@@ -116,3 +119,34 @@ def parse_flags(
     except (AttributeError, KeyError) as err:  # config_flags: a key the config does not have
         exit_with(unknown_key_error(err, argv))
     raise AssertionError("unreachable")
+
+
+class _LibraryInfoFilter(pylogging.Filter):
+    """Orbax logs several INFO lines per save (our own log says what was saved, and where), and
+    jax one per accelerator plugin it probes and does not find: on a CPU machine that reads
+    `INTERNAL: Failed to open libtpu.so`, which alarms a newcomer for nothing."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno > pylogging.INFO:
+            return True
+        if "/orbax/" in record.pathname:
+            return False
+        return not (
+            record.pathname.endswith("xla_bridge.py")
+            and "Unable to initialize backend" in record.getMessage()
+        )
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
+
+def log_config(flag: Any) -> None:
+    """One line for the config: its file and the command line's overrides; `config.json` in the
+    workdir holds the whole resolved config, so the log need not print it."""
+    overrides = config_flags.get_override_values(flag)
+    logging.info(
+        "config %s%s (config.json in the workdir holds it whole)",
+        config_flags.get_config_filename(flag),
+        f" with {configuration.describe(overrides)}" if overrides else "",
+    )

@@ -4,13 +4,12 @@ Intentionally short (flax/examples style): flags, logging, config checks, then o
 A DataError/ConfigError becomes one line on stderr and exit code 2, no traceback.
 """
 
-import logging as pylogging
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from pdm_jax import cli, configuration, datacheck, hostmem, train
+from pdm_jax import cli, configuration, hostmem, training
 from pdm_jax.errors import PdmError
 
 FLAGS = flags.FLAGS
@@ -39,40 +38,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     hostmem.tune()
-    quiet_library_logs()
+    cli.quiet_library_logs()
     config = FLAGS.config
     if FLAGS.data_dir:
         config.data.data_dir = FLAGS.data_dir
     try:
         configuration.validate(config)
-        overrides = config_flags.get_override_values(FLAGS["config"])
-        logging.info(
-            "config %s%s (config.json in the workdir holds it whole)",
-            config_flags.get_config_filename(FLAGS["config"]),
-            f" with {configuration.describe(overrides)}" if overrides else "",
-        )
-        if FLAGS.mode == "data":
-            datacheck.run(config, FLAGS.workdir, FLAGS.data_dir)
-        elif FLAGS.mode == "eval":
-            train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.data_dir)
-        else:
-            train.train_and_evaluate(
-                config, FLAGS.workdir, FLAGS.data_dir, test=FLAGS.mode == "train_and_eval"
-            )
+        cli.log_config(FLAGS["config"])
+        training.run_mode(FLAGS.mode, config, FLAGS.workdir, FLAGS.data_dir)
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
-
-
-class _LibraryInfoFilter(pylogging.Filter):
-    """Orbax logs several INFO lines per save; our own log says what was saved, and where."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno > pylogging.INFO or "/orbax/" not in record.pathname
-
-
-def quiet_library_logs() -> None:
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 def run() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform as pyplatform
+import platform
 import shlex
 import subprocess
 import sys
@@ -71,12 +71,12 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def collect(platform_and_layout: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """`platform_and_layout` is `platform.to_dict`'s {'platform': ..., 'layout': ...}."""
+    """`platform_and_layout` is `hardware.to_dict`'s {'platform': ..., 'layout': ...}."""
     return {
         "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command_line(),
         "python": sys.version.split()[0],
-        "os": pyplatform.platform(),
+        "os": platform.platform(),
         "packages": versions(),
         "git_commit": git_commit(),
         **platform_and_layout,

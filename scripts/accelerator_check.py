@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("cnn_bilstm", "tft")
 DTYPES = ("float32", "bfloat16")
 TINY = {
     "cnn_bilstm": [
@@ -66,11 +65,11 @@ def _run(cmd: list[str], budget: Budget, log: Path) -> tuple[int | None, str]:
 
 def platform_block() -> str:
     """What `pdm_jax.main` logs at start-up about the machine and the layout it chose."""
-    from pdm_jax import configuration, platform
+    from pdm_jax import configuration, hardware
 
-    detected = platform.detect(platform.gather())
-    layout = platform.decide(detected, configuration.load_config("tft"))
-    return platform.describe(detected, layout)
+    detected = hardware.detect(hardware.gather())
+    layout = hardware.decide(detected, configuration.load_config("tft"))
+    return hardware.describe(detected, layout)
 
 
 def speed(args: argparse.Namespace, budget: Budget, out: Path) -> list[dict[str, Any]]:
@@ -201,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget_s", type=float, default=540.0, help="for all steps together")
     parser.add_argument("--batch", type=int, default=256, help="global batch of the benchmark")
     parser.add_argument("--steps", type=int, default=100, help="timed benchmark steps")
-    parser.add_argument("--models", default=",".join(MODELS), help="benchmarked models")
+    parser.add_argument("--models", default=",".join(TINY), help="benchmarked models")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="benchmarked dtypes")
     parser.add_argument("--quick", action="store_true", help="tiny settings (tests, on CPU)")
     args = parser.parse_args(argv)
-    unknown = set(args.models.split(",")) - set(MODELS) | set(args.dtypes.split(",")) - set(DTYPES)
+    from pdm_jax.models import MODEL_NAMES
+
+    unknown = set(args.models.split(",")) - set(MODEL_NAMES)
+    unknown |= set(args.dtypes.split(",")) - set(DTYPES)
     if unknown:
         parser.error(f"unknown model or dtype: {', '.join(sorted(unknown))}")
     if args.quick:

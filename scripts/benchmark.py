@@ -159,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     malloc_tuned = False if args.no_malloc_tuning else hostmem.tune()
 
-    from pdm_jax import configuration, models, platform, steps
+    from pdm_jax import configuration, hardware, models, prediction
     from pdm_jax.data import dataset
     from pdm_jax.data.pipeline import TrainIterator
     from pdm_jax.models import layers
+    from pdm_jax.training import steps
 
     config = configuration.load_config(args.model)
     config.train.batch_size = args.batch
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare_s": round(prepare_s, 2),
     }
     iterator = TrainIterator(prepared.train, args.batch, config.seed, prefetch=0, num_threads=0)
-    batches = [steps.as_arrays(next(iterator)) for _ in range(8)]
+    batches = [steps.train_arrays(next(iterator)) for _ in range(8)]
 
     if "train" in what:
         _log(f"train: {args.model}, batch {args.batch}, {args.steps} steps")
@@ -244,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if "infer" in what:
         _log(f"infer: batch {args.infer_batch}")
-        microbatch, _, why = platform.decide_infer_microbatch(
+        microbatch, _, why = hardware.decide_infer_microbatch(
             jax.default_backend(), args.model, args.infer_microbatch
         )
         _log(f"infer: microbatch {microbatch} ({why or 'set by --infer_microbatch'})")
-        predict = steps.make_predict_step(graphdef, spec, microbatch=microbatch)
+        predict = prediction.make_predict_step(graphdef, spec, microbatch=microbatch)
         ids = np.arange(args.infer_batch) % len(prepared.train)
-        batch = steps.as_arrays(prepared.train.gather(ids))
+        batch = steps.train_arrays(prepared.train.gather(ids))
         start = time.perf_counter()
         compiled = predict.lower(params, batch).compile()
         compile_s = time.perf_counter() - start

@@ -72,9 +72,10 @@ def run(
     batches: list[Any],
     log: Callable[[str], None],
 ) -> Iterator[dict[str, Any]]:
-    from pdm_jax import checkpoint, steps, train
+    from pdm_jax import checkpoint, optim
+    from pdm_jax.training import steps
 
-    optimizer, _ = train.make_optimizer(config.train)
+    optimizer, _ = optim.make_optimizer(config.train)
     opt_state = optimizer.init(params)
     train_step = steps.make_train_step(graphdef, spec, optimizer)
     compiled = train_step.lower(params, opt_state, batches[0], np.int32(0)).compile()

@@ -6,11 +6,11 @@
 
 A plan is a Python file with `get_plan() -> list[dict]` (see experiments/first_bar.py). Full
 runs take minutes to tens of minutes on a laptop CPU, so a table is filled over several
-sessions: every finished row appends one JSON line to the results file at once, and a row whose
-id already has a line there is skipped, so an interrupted or failed invocation loses at most the
-row in progress. Each row is the main job, `python -m pdm_jax.main`, run as a subprocess exactly
-as a user would run it (its output goes to <workdir>/run.log), so the table only ever holds
-numbers that the printed command reproduces.
+runs of this command: every finished row appends one JSON line to the results file at once, and
+a row whose id already has a line there is skipped, so an interrupted or failed invocation loses
+at most the row in progress. Each row is the main job, `python -m pdm_jax.main`, run as a
+subprocess exactly as a user would run it (its output goes to <workdir>/run.log), so the table
+only ever holds numbers that the printed command reproduces.
 """
 
 from __future__ import annotations
@@ -150,10 +150,15 @@ def build_argv(
 
 
 def portable_command(command: str) -> str:
-    """The recorded command with the interpreter as `python`: the venv's absolute path would
-    only work on the machine that ran it."""
+    """The recorded command as anyone can rerun it: the interpreter as `python` and a data
+    directory outside the repository as `$PDM_DATA_DIR` (absolute paths only work on the machine
+    that ran it)."""
     argv = shlex.split(command)
-    return shlex.join(["python", *argv[1:]]) if argv else command
+    if not argv:
+        return command
+    argv = ["python", *argv[1:]]
+    argv = ["--data_dir=$PDM_DATA_DIR" if a.startswith("--data_dir=/") else a for a in argv]
+    return " ".join(a if a == "--data_dir=$PDM_DATA_DIR" else shlex.quote(a) for a in argv)
 
 
 # ---------------------------------------------------------------------------------- results file
@@ -446,7 +451,7 @@ def run_row(
     argv: list[str], workdir: pathlib.Path, timeout_min: float | None
 ) -> tuple[Record | None, str, float]:
     """(report, '' or why it failed, wall seconds). The log is appended to, one framed section
-    per attempt, so a failure's output survives the retry that succeeds; its own session, so a
+    per attempt, so a failure's output survives the retry that succeeds; its own process group, so a
     timeout can stop the job and anything it spawned without touching the runner."""
     workdir.mkdir(parents=True, exist_ok=True)
     report_path = workdir / "report.json"
@@ -530,7 +535,7 @@ def make_record(
         "steps": report.get("steps"),
         "train_seconds": _finite(report.get("train_seconds")),
         "wall_seconds": round(wall, 1),
-        "command": shlex.join(argv),
+        "command": portable_command(shlex.join(argv)),
         "config": row["config"],
         "overrides": dict(
             arg.removeprefix("--config.").split("=", 1)
@@ -646,7 +651,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The row's job runs in its own session, so a plain SIGTERM to the runner would orphan it
+    # The row's job runs in its own process group, so a plain SIGTERM to the runner would orphan it
     # (training on, its result never recorded): stop it the way Ctrl-C does.
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -719,7 +724,7 @@ def _run_rows(
     context: dict[str, Any] | None = None
     for index, row in enumerate(selected, 1):
         prefix = f"[{index}/{total}] {row['id']}"
-        # Re-read every row: another session may have finished rows meanwhile.
+        # Re-read every row: another invocation may have finished rows meanwhile.
         if row["id"] in read_results(results_path):
             skipped += 1
             print(f"{prefix} ... skipped (already recorded)", file=out, flush=True)

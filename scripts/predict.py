@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax and jax report every restore and backend probe at INFO; ours say what matters.
     for name in ("absl", "jax", "orbax", "pdm_jax.hostmem"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from pdm_jax import hostmem, predict  # after flag parsing: a bad flag should not wait on jax
+    from pdm_jax import hostmem, inference  # after flag parsing: a bad flag should not wait on jax
 
     hostmem.tune()
     try:
-        predict.predict_to_file(
+        inference.predict_to_file(
             args.checkpoint,
             args.input,
             args.output,

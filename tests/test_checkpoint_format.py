@@ -1,12 +1,12 @@
 """Checkpoint format compatibility: a frozen format-1 checkpoint (tests/fixtures/checkpoint_v1,
-written by `python -m tests.test_checkpoint_format`) must keep restoring, bit for bit, whatever
-later code changes; a checkpoint newer than the code is refused in one line."""
+`v1_state()` and `META` saved as step 4 when the format was 1) must keep restoring, bit for bit,
+whatever later code changes; a checkpoint newer than the code is refused in one line. The frozen
+format-2 run is tests/fixtures/run_v2 (tests/test_checkpoint_v2.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pdm_jax import checkpoint
+from pdm_jax.checkpoint import meta as checkpoint_meta
 from pdm_jax.errors import ConfigError
 
 FIXTURE = Path(__file__).with_name("fixtures") / "checkpoint_v1"
@@ -59,24 +60,16 @@ def test_format_1_checkpoint_restores_bitwise(tmp_path):
 
 def test_a_checkpoint_newer_than_the_code_is_one_line(tmp_path, monkeypatch):
     uri = str(tmp_path / "store")
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(checkpoint_meta, "FORMAT_VERSION", 2)
     with checkpoint.CheckpointStore(uri) as store:
         store.save(3, v1_state(), META)
         assert store.wait()
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(checkpoint_meta, "FORMAT_VERSION", 1)
     with checkpoint.CheckpointStore(uri, create=False) as store, pytest.raises(ConfigError) as err:
         store.restore(jax.tree.map(np.zeros_like, v1_state()))
     assert str(err.value) == (
         f"checkpoint {uri} step 3 has format 2, newer than this pdm-jax reads (1); upgrade pdm-jax"
     )
-
-
-if __name__ == "__main__":  # regenerate the fixture (only when FORMAT_VERSION is still 1)
-    assert checkpoint.FORMAT_VERSION == 1, "the fixture is frozen at format 1"
-    shutil.rmtree(FIXTURE, ignore_errors=True)
-    with checkpoint.CheckpointStore(str(FIXTURE)) as store:
-        store.save(4, v1_state(), META, {"val_rmse": 21.5})
-        sys.exit(0 if store.wait() else 1)
 
 
 def test_a_checkpoint_from_before_a_config_key_existed_still_resumes():

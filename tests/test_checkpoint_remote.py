@@ -26,8 +26,9 @@ import pytest
 
 pytest.register_assert_rewrite("tests.servers")  # before the import, as pytest_plugins asks
 
-from pdm_jax import checkpoint, orbax_remote  # noqa: E402
+from pdm_jax import checkpoint  # noqa: E402
 from pdm_jax.checkpoint import CheckpointStore  # noqa: E402
+from pdm_jax.checkpoint import s3 as orbax_s3  # noqa: E402
 from pdm_jax.errors import ConfigError, PdmError  # noqa: E402
 from tests.servers import AZURITE_KEY, StorageServer, clear_client_caches  # noqa: E402
 
@@ -160,7 +161,7 @@ def test_storage_outage_mid_save_is_a_warning_and_the_next_save_works(
     # TensorStore gives up after one quick retry here instead of ~15 s (the production bound,
     # checked in test_orbax_patch_...); the file stays fast, the failure path is the same.
     monkeypatch.setattr(
-        orbax_remote, "RETRIES", {"max_retries": 1, "initial_delay": "0.1s", "max_delay": "0.1s"}
+        orbax_s3, "RETRIES", {"max_retries": 1, "initial_delay": "0.1s", "max_delay": "0.1s"}
     )
     # 8 MiB: long enough in flight on these local servers that the stop lands mid-save.
     state = tiny_state(rows=128 * 1024)
@@ -294,8 +295,8 @@ def test_orbax_patch_gives_tensorstore_the_users_endpoint_and_bounded_retries(
 
     # The patch replaces private Orbax functions read in this release only (pinned in
     # pyproject.toml); a new Orbax must be checked against it before the pin moves.
-    assert ocp.__version__ in orbax_remote.PATCHED_ORBAX_VERSIONS
-    orbax_remote.prepare("s3")
+    assert ocp.__version__ in orbax_s3.PATCHED_ORBAX_VERSIONS
+    orbax_s3.prepare("s3")
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/run/7/state", use_ocdbt=True)
     assert spec["base"] == {
         "driver": "s3",
@@ -303,9 +304,9 @@ def test_orbax_patch_gives_tensorstore_the_users_endpoint_and_bounded_retries(
         "path": "run/7/state",
         "endpoint": s3_env.endpoint,  # from AWS_ENDPOINT_URL, which TensorStore ignores
         "aws_region": "us-east-1",
-        "s3_request_retries": orbax_remote.RETRIES,
+        "s3_request_retries": orbax_s3.RETRIES,
     }
     gcs = tensorstore_utils.build_kvstore_tspec("gs://bucket/run/7/state", use_ocdbt=True)
-    assert gcs["base"]["gcs_request_retries"] == orbax_remote.RETRIES
+    assert gcs["base"]["gcs_request_retries"] == orbax_s3.RETRIES
     local = tensorstore_utils.build_kvstore_tspec(os.path.abspath("x"), use_ocdbt=True)
     assert local["base"]["driver"] == "file"

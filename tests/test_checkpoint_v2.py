@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pdm_jax import checkpoint, predict, train
+from pdm_jax import checkpoint, inference, training
 from pdm_jax.data import cmapss
 
 FIXTURE = Path(__file__).with_name("fixtures") / "run_v2"
@@ -53,9 +53,9 @@ def _test_file() -> str:
 def test_format_2_run_restores_with_its_band_and_predicts_as_written(run_copy):
     with checkpoint.CheckpointStore(str(run_copy / "checkpoints"), create=False) as store:
         assert store.all_steps() == [4]
-    saved = predict.read_saved(str(run_copy), "best")
+    saved = inference.read_saved(str(run_copy), "best")
     assert saved.step == 4
-    frame = predict.predict_files(str(run_copy), [_test_file()], show_progress=False)
+    frame = inference.predict_files(str(run_copy), [_test_file()], show_progress=False)
     expected = pd.read_csv(EXPECTED / "predictions.csv")
     assert list(frame.columns) == list(expected.columns)
     np.testing.assert_array_equal(frame["unit"], expected["unit"])
@@ -68,7 +68,7 @@ def test_format_2_run_resumes_to_the_same_predictions(run_copy):
     config = ml_collections.ConfigDict(json.loads((run_copy / "config.json").read_text()))
     config.train.num_steps = 8
     config.checkpoint.uri = None  # the copy's own checkpoints/, not where it was written
-    result = train.train_and_evaluate(config, str(run_copy))
+    result = training.train_and_evaluate(config, str(run_copy))
     expected = json.loads((EXPECTED / "resumed_to_8.json").read_text())
     assert result["resumed_from_step"] == 4
     assert result["steps"] == expected["steps"] == 8

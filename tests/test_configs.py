@@ -5,7 +5,7 @@ import re
 import pytest
 
 from pdm_jax import configuration
-from pdm_jax.configuration import flatten
+from pdm_jax.jsonio import flatten
 from tests.conftest import REPO, load_config
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "common")

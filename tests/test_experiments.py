@@ -113,7 +113,7 @@ def test_runs_resumes_and_retries_only_missing_rows(tmp_path):
         assert record["overrides"]["train.num_steps"] == "3"
         assert record["overrides"]["model.cnn_bilstm.channels"] == "(8, 8)"
         argv = shlex.split(record["command"])
-        assert argv[:3] == [sys.executable, "-m", "pdm_jax.main"]
+        assert argv[:3] == ["python", "-m", "pdm_jax.main"]  # rerunnable on any machine
         assert f"--workdir={runs / record['id']}" in argv
         assert (runs / record["id"] / "run.log").is_file()
     broken_log = (runs / "broken-s0" / "run.log").read_text()
@@ -279,3 +279,17 @@ def test_a_row_past_its_timeout_is_stopped_and_not_recorded(tmp_path):
     assert 1.0 <= wall < 15 and time.perf_counter() - start < 15
     log = (tmp_path / "w" / "run.log").read_text()
     assert "working" in log and "timed out after 0.02 min" in log
+
+
+def test_recorded_commands_name_no_machine():
+    """A results row's command is pasted by others: no venv path, no local data directory."""
+    command = (
+        "/opt/venv/bin/python -m pdm_jax.main --config=configs/tft.py --workdir=runs/x "
+        "--data_dir=/srv/data/cmapss '--config.model.cnn_bilstm.channels=(8, 8)'"
+    )
+    assert experiments.portable_command(command) == (
+        "python -m pdm_jax.main --config=configs/tft.py --workdir=runs/x "
+        "--data_dir=$PDM_DATA_DIR '--config.model.cnn_bilstm.channels=(8, 8)'"
+    )
+    inside = "python -m pdm_jax.main --config=configs/tft.py --data_dir=data/mine"
+    assert experiments.portable_command(inside) == inside

@@ -1,7 +1,6 @@
 """The command-line entry, run as a user runs it: a subprocess of `python -m pdm_jax.main`."""
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -49,33 +48,38 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "devices", "line"),
+    ("key", "value", "devices", "line"),
     [
-        (["--config.train.bogus=1"], 1, "error: --config.train.bogus: no such config key"),
-        (
-            ["--config.train.batch_size=abc"],
-            1,
-            "error: --config.train.batch_size: cannot parse 'abc'",
-        ),
-        (["--config.model.name=xgb"], 1, "error: config.model.name: expected one of"),
-        (["--config.model.quantiles=(0.5,1.5)"], 1, "error: config.model.quantiles: expected"),
-        (["--config.data.window=-3"], 1, "error: config.data.window: expected an integer > 0"),
-        (["--config.train.batch_size=12"], 8, "error: config.train.batch_size:"),
-        (["--config.train.grad_accum=5"], 1, "error: config.train.grad_accum:"),
-        (["--config.checkpoint.every_steps=300"], 1, "error: config.checkpoint.every_steps:"),
-        (["--config.compute.mesh=(4,1)"], 1, "error: config.compute.mesh:"),
+        ("model.name", "xgb", 1, "config.model.name: expected one of"),
+        ("model.quantiles", (0.5, 1.5), 1, "config.model.quantiles: expected"),
+        ("data.window", -3, 1, "config.data.window: expected an integer > 0"),
+        ("train.batch_size", 12, 8, "config.train.batch_size:"),
+        ("train.grad_accum", 5, 1, "config.train.grad_accum:"),
+        ("checkpoint.every_steps", 300, 1, "config.checkpoint.every_steps:"),
+        ("compute.mesh", (4, 1), 1, "config.compute.mesh:"),
     ],
 )
-def test_each_kind_of_bad_config_is_one_line_exit_2(tmp_path, args, devices, line):
-    env = os.environ.copy()
-    env["XLA_FLAGS"] = (
-        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+def test_each_kind_of_bad_config_is_one_line(key, value, devices, line):
+    """What `main` checks before any work, in-process: the config's own checks, then the layout
+    for `devices` CPU devices (a recorded snapshot); `main` prints the error's one line and exits
+    2, as the subprocess test above checks."""
+    from pdm_jax import configuration, hardware
+    from pdm_jax.errors import ConfigError
+    from tests.conftest import load_config
+    from tests.test_hardware import devices as cpu_devices
+
+    cfg = load_config("tft")
+    section, name = key.split(".")
+    cfg[section][name] = value
+    detected = hardware.detect(
+        hardware.Snapshot.from_dict(
+            {"devices": cpu_devices("cpu", devices, backend="cpu"), "cpu_count": 2}
+        )
     )
-    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", *args, env=env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(line) and "Traceback" not in proc.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError) as err:
+        configuration.validate(cfg)
+        hardware.decide(detected, cfg)
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
 
 
 def test_bad_data_is_one_line_exit_2(tmp_path):

@@ -13,9 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from pdm_jax import models, parallel, steps
+from pdm_jax import models, parallel
 from pdm_jax.data import dataset
 from pdm_jax.models import layers
+from pdm_jax.training import steps
 from tests.conftest import REPO, tiny_cnn_config
 
 TINY_CNN = [
@@ -117,7 +118,7 @@ def test_two_processes_on_loopback_hold_identical_parameters(tmp_path):
     assert report["layout"]["processes"] == 2 and report["layout"]["mesh"] == [4, 1]
     assert report["params_sha256"] == digests[0][-1]
     assert len(_losses(tmp_path / "run")) == 12
-    # Time-based saves at the agreed steps (train.SYNC_EVERY), then the final one.
+    # Time-based saves at the agreed steps (training.loop.SYNC_EVERY), then the final one.
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == ["10", "12"]
 
 
@@ -139,7 +140,7 @@ def test_microbatches_are_strided_so_no_data_moves_between_devices():
 def test_gradient_accumulation_makes_the_same_update(accum):
     prepared, spec, graphdef, params = _tiny_setup()
     optimizer = optax.sgd(0.1)
-    batch = steps.as_arrays(prepared.train.gather(np.arange(64)))
+    batch = steps.train_arrays(prepared.train.gather(np.arange(64)))
     mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
     results = []
     for a in (1, accum):
@@ -166,9 +167,10 @@ CHUNKED_PREDICT = r"""
 import json
 import jax
 import numpy as np
-from pdm_jax import models, parallel, steps
+from pdm_jax import models, parallel, prediction
 from pdm_jax.data import dataset
 from pdm_jax.models import layers
+from pdm_jax.training import steps
 from tests.conftest import load_config
 
 cfg = load_config("tft")
@@ -183,7 +185,7 @@ for name, model_cfg in (("tft", cfg.model),):
     for devices, chunk in ((1, 0), (1, 4), (8, 4)):
         mesh = parallel.make_mesh((devices, 1), jax.devices()[:devices])
         placed = jax.device_put(batch, parallel.batch_sharding(mesh))
-        step = steps.make_predict_step(graphdef, spec, mesh, microbatch=chunk)
+        step = prediction.make_predict_step(graphdef, spec, mesh, microbatch=chunk)
         p = parallel.replicate(params, mesh)
         lowered = step.lower(p, placed)
         result[f"{name} {devices}x{chunk} loops"] = lowered.as_text().count("stablehlo.while")
@@ -215,10 +217,10 @@ def test_chunked_prediction_is_the_whole_batch_prediction_on_one_and_eight_devic
 
 
 def test_chunked_batches_are_multiples_of_the_chunks():
-    from pdm_jax import train
+    from pdm_jax.training import evaluation
 
-    assert train.eval_batch_size(100, 1, 32) == 128  # 4 chunks of 32
-    assert train.eval_batch_size(20, 1, 32) == 20  # one chunk's worth: run it whole
-    assert train.eval_batch_size(5000, 8, 32) == 1024
-    assert train.eval_batch_size(300, 8, 32) == 512
-    assert train.eval_batch_size(300, 8, 0) == 304
+    assert evaluation.eval_batch_size(100, 1, 32) == 128  # 4 chunks of 32
+    assert evaluation.eval_batch_size(20, 1, 32) == 20  # one chunk's worth: run it whole
+    assert evaluation.eval_batch_size(5000, 8, 32) == 1024
+    assert evaluation.eval_batch_size(300, 8, 32) == 512
+    assert evaluation.eval_batch_size(300, 8, 0) == 304

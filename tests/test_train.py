@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import optax
 
-from pdm_jax import models, steps, train
+from pdm_jax import models, optim, prediction, training
 from pdm_jax.data import dataset
 from pdm_jax.models import layers
+from pdm_jax.training import evaluation, state, steps
 from tests.conftest import load_config, tiny_cnn_config
 
 
@@ -18,24 +19,24 @@ def test_best_params_snapshot_survives_the_donating_train_step():
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
     step = steps.make_train_step(graphdef, spec, optimizer)
-    batch = steps.as_arrays(prepared.train.gather(np.arange(32)))
-    best = train.snapshot(params)
+    batch = steps.train_arrays(prepared.train.gather(np.arange(32)))
+    best = state.snapshot(params)
     kept = jax.tree.map(np.array, best)
     for i in range(2):
         params, opt_state, _ = step(params, opt_state, batch, i)
     # The donated originals are gone; the snapshot is intact and usable for evaluation.
     for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(kept), strict=True):
         np.testing.assert_array_equal(a, b)
-    result = train.evaluate(steps.make_predict_step(graphdef, spec), best, prepared.test)
+    result = evaluation.evaluate(prediction.make_predict_step(graphdef, spec), best, prepared.test)
     assert result["count"] == 100 and np.isfinite(result["rmse"])
-    moved = train.evaluate(steps.make_predict_step(graphdef, spec), params, prepared.test)
+    moved = evaluation.evaluate(prediction.make_predict_step(graphdef, spec), params, prepared.test)
     assert moved["rmse"] != result["rmse"]
 
 
 def test_schedule_has_its_own_length():
     cfg = load_config("tft").train
     cfg.learning_rate, cfg.warmup_steps, cfg.schedule_steps = 1e-3, 10, 100
-    schedule = train.learning_rate_schedule(cfg)
+    schedule = optim.learning_rate_schedule(cfg)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - 1e-3) < 1e-9
     assert abs(float(schedule(100)) - 1e-5) < 1e-9 and abs(float(schedule(10_000)) - 1e-5) < 1e-9
 
@@ -55,8 +56,8 @@ def test_parameter_average_rides_in_the_optimizer_state():
         d = min(0.5, (1 + t) / (10 + t))
         expected = d * expected + (1 - d) * np.asarray(params["w"])
     np.testing.assert_allclose(averaging.averaged(state)["w"], expected, rtol=1e-6)
-    assert train.eval_params(params, state) is averaging.averaged(state)
-    assert train.eval_params(params, optax.sgd(1.0).init(params)) is params
+    assert optim.eval_params(params, state) is averaging.averaged(state)
+    assert optim.eval_params(params, optax.sgd(1.0).init(params)) is params
 
 
 def test_input_noise_jitters_observed_readings_only():
@@ -81,7 +82,7 @@ def test_input_noise_reaches_the_training_step_from_the_config(tmp_path):
         cfg.train.update(num_steps=2, batch_size=32, eval_every=2, warmup_steps=1)
         cfg.train.update(tensorboard=False, plots=False, input_noise=noise)
         cfg.checkpoint.every_steps = 0
-        return train.train_and_evaluate(cfg, str(tmp_path / name))["params_sha256"]
+        return training.train_and_evaluate(cfg, str(tmp_path / name))["params_sha256"]
 
     assert run(0.5, "noisy") != run(0.0, "quiet")
 

@@ -138,13 +138,11 @@ def prepare(data_cfg: Any, seed: int, data_dir: str | None = None) -> Prepared:
     raw = sources.load(data_cfg, data_dir)
     train_codes, val_codes = split_units(raw.train, data_cfg.val_fraction, seed)
     train_table = raw.train.select_units(train_codes)
-    feats = feature_columns(
-        raw.train, bool(data_cfg.get("use_settings", False)), bool(data_cfg.get("use_time", False))
-    )
+    feats = feature_columns(raw.train, bool(data_cfg.use_settings), bool(data_cfg.use_time))
     scaler = features.fit_scaler(train_table, feats, data_cfg.condition_scaling)
     window, stride, cap = data_cfg.window, data_cfg.stride, data_cfg.rul_cap
-    shortest = data_cfg.get("min_history", 0) or window
-    baseline = int(data_cfg.get("baseline_cycles", 0))
+    shortest = data_cfg.min_history or window
+    baseline = int(data_cfg.baseline_cycles)
     train = make_windows(train_table, scaler, cap, window, stride, "train", shortest, baseline)
     val = None
     if len(val_codes):

@@ -81,6 +81,18 @@ def _plant(
     return {"points": points, "gain": gain, "offset": offset, "noise_scale": noise_scale}
 
 
+def _regimes(rng: np.random.Generator, k: int, total: int, starts: np.ndarray) -> np.ndarray:
+    """Each row's operating regime of `k`: drawn at each unit's start and switched at random."""
+    if k <= 1:
+        return np.zeros(total, dtype=np.int64)
+    switch = rng.random(total) < SWITCH_PROB
+    switch[starts] = True
+    drawn = rng.integers(0, k, total)
+    last = np.where(switch, np.arange(total), 0)
+    np.maximum.accumulate(last, out=last)
+    return drawn[last]
+
+
 def _table(
     rng: np.random.Generator,
     plant: dict[str, np.ndarray],
@@ -115,16 +127,7 @@ def _table(
 
     points = plant["points"]
     k = len(points)
-    if k > 1:
-        switch = rng.random(total) < SWITCH_PROB
-        switch[starts] = True
-        drawn = rng.integers(0, k, total)
-        last = np.where(switch, np.arange(total), 0)
-        np.maximum.accumulate(last, out=last)
-        regime = drawn[last]
-        del switch, last, drawn
-    else:
-        regime = np.zeros(total, dtype=np.int64)
+    regime = _regimes(rng, k, total, starts)
 
     data: dict[str, np.ndarray] = {
         UNIT: codes,

@@ -14,12 +14,10 @@ them. Values at padded steps therefore never reach the prediction.
 Speed (XLA on CPU; measured facts in shared/docs/cnn-bilstm-probe.md): the conv is one
 `lax.conv_general_dilated` per layer in NWC layout; each direction's input projection x @ Wih is
 one 2-D matmul over all steps, outside the scan (the bias is added inside the step, which saves a
-pass over [T, B, 4H]); the recurrent `lax.scan` (no unroll) does only h @ Whh and the gates, the
-gates as ONE tanh over all 4H columns (sigmoid(z) = tanh(z/2)/2 + 1/2), under a hand-written
-`jax.custom_vjp` whose backward is a reverse scan that emits the pre-activation gate gradients
-and leaves dWhh and the bias gradient to one matmul / one sum over all steps. With pooling
-'last', the last layer's backward direction is read at t = T-1, which is its FIRST step from a
-zero state: one cell step on x[T-1] (the Whh_b term is exactly zero, so that layer has no Whh_b).
+pass over [T, B, 4H]); the recurrence itself, with its hand-written VJP, is the kernel in
+`pdm_jax/models/scan.py`. With pooling 'last', the last layer's backward direction is read at
+t = T-1, which is its FIRST step from a zero state: one cell step on x[T-1] (the Whh_b term is
+exactly zero, so that layer has no Whh_b).
 That shortcut is exact and used only there; everything else runs the full reverse scan.
 `hparams['custom_vjp'] = False` (not a config key) switches to plain autodiff of the same scan.
 
@@ -37,18 +35,18 @@ in fp32, and the final projection to the outputs is fp32 so a bf16 run keeps RUL
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
 from pdm_jax.errors import ConfigError
 from pdm_jax.models import layers
 from pdm_jax.models.layers import Inputs, ModelSpec, Outputs
+from pdm_jax.models.scan import first_step, lstm_scan
 
 Params = dict[str, Any]
 
@@ -72,186 +70,16 @@ def _arrays(tree: Any) -> Any:
     return jax.tree.map(lambda v: v[...], tree, is_leaf=_is_param)
 
 
-# --- the LSTM recurrence ------------------------------------------------------------------
-# Gate order along the 4H axis: input, forget, cell (g), output.
-
-
-def _gate_consts(hidden: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) per 4H column: sigmoid(z) = 0.5 * tanh(0.5 z) + 0.5; the g gate is tanh."""
-    scale = np.full((4, hidden), 0.5, np.float32)
-    scale[2] = 1.0
-    shift = np.full((4, hidden), 0.5, np.float32)
-    shift[2] = 0.0
-    return scale.reshape(-1), shift.reshape(-1)
-
-
-def _activate(z: jax.Array) -> jax.Array:
-    """Activated gates [B, 4H] (i, f, g, o) from pre-activations z [B, 4H] (fp32).
-
-    One tanh over all 4H columns (sigmoid(z) = 0.5 tanh(z / 2) + 0.5) instead of three sigmoids and
-    a tanh on slices: XLA:CPU lowers sigmoid to exp and a divide, and this form makes the forward
-    recurrence about 1.7x faster there.
-    """
-    scale, shift = _gate_consts(z.shape[-1] // 4)
-    return jnp.tanh(z * scale) * scale + shift
-
-
-def _gates(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(i, f, g, o), each [B, H]."""
-    i, f, g, o = jnp.split(_activate(z), 4, axis=-1)
-    return i, f, g, o
-
-
-def _step(xp_t, m_t, h, c, whh, bias):
-    """One masked cell step -> (h', c', activated gates [B, 4H])."""
-    z = xp_t.astype(jnp.float32) + bias + jnp.dot(h, whh, preferred_element_type=jnp.float32)
-    acts = _activate(z)
-    i, f, g, o = jnp.split(acts, 4, axis=-1)
-    c_new = f * c + i * g
-    h_new = (o * jnp.tanh(c_new)).astype(h.dtype)
-    m = m_t[:, None]
-    return jnp.where(m, h_new, h), jnp.where(m, c_new, c), acts
-
-
-def lstm_scan_reference(
-    xp: jax.Array,
-    whh: jax.Array,
-    bias: jax.Array,
-    mask: jax.Array,
-    reverse: bool,
-    return_sequences: bool,
-) -> jax.Array:
-    """The masked recurrence as a plain `lax.scan` (autodiff's gradients; the custom VJP's primal).
-
-    xp [T, B, 4H] = x @ Wih for every step, whh [H, 4H], bias [4H] (added inside the step, which
-    saves a pass over xp), mask [T, B] bool; the state starts at zero and is carried unchanged
-    through steps where mask is False. Returns every step's h [T, B, H] (return_sequences) or only
-    the final one [B, H] (after step T-1, or step 0 if reverse).
-    """
-    _, b, g4 = xp.shape
-    h0 = jnp.zeros((b, g4 // 4), xp.dtype)
-    c0 = jnp.zeros((b, g4 // 4), jnp.float32)
-    bias = bias.astype(jnp.float32)
-
-    def body(carry, inp):
-        h, c = carry
-        h, c, _ = _step(*inp, h, c, whh, bias)
-        return (h, c), (h if return_sequences else None)
-
-    (h, _), hs = lax.scan(body, (h0, c0), (xp, mask), reverse=reverse)
-    return hs if return_sequences else h
-
-
-@functools.cache
-def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.Array]:
-    """`lstm_scan_reference` with a hand-written VJP (same outputs, cheaper backward).
-
-    The forward scan saves h_prev, c_prev and the activated gates per step. The backward is one
-    reverse scan whose only per-step output is the pre-activation gradient dz [B, 4H] and whose
-    carry is (dh, dc) with dh = dz @ Whh^T; then dWhh = sum_t h_prev^T dz_t is one matmul over all
-    steps, dbias = sum dz, and dxp = dz (flowing on to Wih and the conv by autodiff).
-    """
-
-    @jax.custom_vjp
-    def scan(xp, whh, bias, mask):
-        return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences)
-
-    def fwd(xp, whh, bias, mask):
-        _, b, g4 = xp.shape
-        h0 = jnp.zeros((b, g4 // 4), xp.dtype)
-        c0 = jnp.zeros((b, g4 // 4), jnp.float32)
-        b32 = bias.astype(jnp.float32)
-
-        def body(carry, inp):
-            h, c = carry
-            h_new, c_new, acts = _step(*inp, h, c, whh, b32)
-            return (h_new, c_new), ((h_new if return_sequences else None), (h, c, acts))
-
-        (h, _), (hs, res) = lax.scan(body, (h0, c0), (xp, mask), reverse=reverse)
-        out = hs if return_sequences else h
-        return out, (res, mask, whh, bias)
-
-    def bwd(saved, g):
-        (h_prev, c_prev, acts), mask, whh, bias = saved
-        t, b, hdim = h_prev.shape
-        whh_t = whh.T
-
-        def body(carry, inp):
-            dh, dc = carry
-            if return_sequences:
-                m_t, c_p, a, dh_out = inp
-                dh = dh + dh_out.astype(jnp.float32)
-            else:
-                m_t, c_p, a = inp
-            m = m_t[:, None]
-            i, f, gg, o = jnp.split(a, 4, axis=-1)
-            tc = jnp.tanh(f * c_p + i * gg)  # recomputed: cheaper than saving it
-            dh_new = jnp.where(m, dh, 0.0)
-            dc_new = jnp.where(m, dc, 0.0)
-            dc_tot = dc_new + dh_new * o * (1.0 - tc * tc)
-            dz = jnp.concatenate(
-                [
-                    dc_tot * gg * i * (1.0 - i),
-                    dc_tot * c_p * f * (1.0 - f),
-                    dc_tot * i * (1.0 - gg * gg),
-                    dh_new * tc * o * (1.0 - o),
-                ],
-                axis=-1,
-            )
-            dh_prev = jnp.dot(
-                dz.astype(whh.dtype), whh_t, preferred_element_type=jnp.float32
-            ) + jnp.where(m, 0.0, dh)
-            dc_prev = dc_tot * f + jnp.where(m, 0.0, dc)
-            return (dh_prev, dc_prev), dz
-
-        if return_sequences:
-            dh0 = jnp.zeros((b, hdim), jnp.float32)
-            xs = (mask, c_prev, acts, g)
-        else:
-            dh0 = g.astype(jnp.float32)
-            xs = (mask, c_prev, acts)
-        dc0 = jnp.zeros((b, hdim), jnp.float32)
-        _, dz = lax.scan(body, (dh0, dc0), xs, reverse=not reverse)
-        dz2 = dz.reshape(t * b, -1)
-        dwhh = jnp.dot(  # one [H, T*B] @ [T*B, 4H] matmul over all steps
-            h_prev.reshape(t * b, hdim).T,
-            dz2.astype(whh.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        dbias = dz2.sum(0)
-        return dz.astype(h_prev.dtype), dwhh.astype(whh.dtype), dbias.astype(bias.dtype), None
-
-    scan.defvjp(fwd, bwd)
-    return scan
-
-
-def lstm_scan(
-    xp: jax.Array,
-    whh: jax.Array,
-    bias: jax.Array,
-    mask: jax.Array,
-    *,
-    reverse: bool = False,
-    return_sequences: bool = True,
-    custom_vjp: bool = True,
-) -> jax.Array:
-    """The masked LSTM recurrence (see `lstm_scan_reference`), by default with the custom VJP."""
-    if custom_vjp:
-        return _lstm_scan_vjp(reverse, return_sequences)(xp, whh, bias, mask)
-    return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences)
-
-
-def _first_step(z: jax.Array) -> jax.Array:
-    """h after one cell step from h = c = 0 with pre-activations z: c = i * g, h = o * tanh(c)."""
-    i, _, g, o = _gates(z)
-    return o * jnp.tanh(i * g)
-
-
 # --- the blocks (pure functions of arrays, so jax.checkpoint can wrap them) -----------------
 
 
 def conv_block(
-    params: list[Params], x: jax.Array, mask: jax.Array, *, dilations, activation: str
+    params: list[Params],
+    x: jax.Array,
+    mask: jax.Array,
+    *,
+    dilations: Sequence[int],
+    activation: str,
 ) -> jax.Array:
     """Conv1D stack, 'same' padding, NWC: x [B, T, C] -> [B, T, channels[-1]], zero where masked."""
     act = ACTIVATIONS[activation]
@@ -308,7 +136,7 @@ def lstm_block(
                 xp_f, p["whh_f"], p["b_f"], mask_t, return_sequences=False, custom_vjp=custom_vjp
             )
             z_b = jnp.dot(seq[-1], p["wih_b"], preferred_element_type=f32) + p["b_b"]
-            h_b = _first_step(z_b.astype(f32)).astype(h_f.dtype)
+            h_b = first_step(z_b.astype(f32)).astype(h_f.dtype)
             return jnp.concatenate([h_f, h_b], axis=-1)
         xp_b = _project(seq, p["wih_b"])
         hs_f = lstm_scan(xp_f, p["whh_f"], p["b_f"], mask_t, custom_vjp=custom_vjp)
@@ -327,6 +155,41 @@ def lstm_block(
 
 
 # --- the module -----------------------------------------------------------------------------
+
+
+def _conv_params(rngs: nnx.Rngs, c_in: int, channels: Sequence[int], kernel: int) -> list[Params]:
+    conv = []
+    for c_out in channels:
+        conv.append({"w": layers.glorot(rngs, (kernel, c_in, c_out)), "b": layers.zeros((c_out,))})
+        c_in = c_out
+    return conv
+
+
+def _lstm_params(
+    rngs: nnx.Rngs, c_in: int, hidden: int, num_layers: int, last_whh_b: bool
+) -> list[Params]:
+    """The BiLSTM layers' params; `last_whh_b=False` leaves Whh_b out of the last layer, whose
+    backward direction then takes only its first step from zero state (pooling 'last')."""
+
+    def bias() -> nnx.Param:
+        # Forget-gate bias 1: the usual LSTM initialisation, so early gradients flow in time.
+        return nnx.Param(jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0))
+
+    orthogonal = jax.nn.initializers.orthogonal()
+    lstm = []
+    for li in range(num_layers):
+        p = {
+            "wih_f": layers.glorot(rngs, (c_in, 4 * hidden)),
+            "whh_f": layers.param(rngs, orthogonal, (hidden, 4 * hidden)),
+            "b_f": bias(),
+            "wih_b": layers.glorot(rngs, (c_in, 4 * hidden)),
+            "b_b": bias(),
+        }
+        if last_whh_b or li < num_layers - 1:
+            p["whh_b"] = layers.param(rngs, orthogonal, (hidden, 4 * hidden))
+        lstm.append(p)
+        c_in = 2 * hidden
+    return lstm
 
 
 class CNNBiLSTM(nnx.Module):
@@ -367,35 +230,10 @@ class CNNBiLSTM(nnx.Module):
         self.dilations = dilations
 
         c_in = spec.num_features + spec.num_known
-        conv = []
-        for c_out in channels:
-            conv.append(
-                {"w": layers.glorot(rngs, (kernel, c_in, c_out)), "b": layers.zeros((c_out,))}
-            )
-            c_in = c_out
-        self.conv = nnx.data(conv)
-
-        def bias() -> nnx.Param:
-            # Forget-gate bias 1: the usual LSTM initialisation, so early gradients flow in time.
-            return nnx.Param(jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0))
-
-        orthogonal = jax.nn.initializers.orthogonal()
-        lstm = []
-        for li in range(num_layers):
-            p = {
-                "wih_f": layers.glorot(rngs, (c_in, 4 * hidden)),
-                "whh_f": layers.param(rngs, orthogonal, (hidden, 4 * hidden)),
-                "b_f": bias(),
-                "wih_b": layers.glorot(rngs, (c_in, 4 * hidden)),
-                "b_b": bias(),
-            }
-            # With pooling 'last' the last layer's backward direction only ever takes its first
-            # step from zero state, where h @ Whh_b is 0: it has no Whh_b.
-            if not (li == num_layers - 1 and self.pooling == "last"):
-                p["whh_b"] = layers.param(rngs, orthogonal, (hidden, 4 * hidden))
-            lstm.append(p)
-            c_in = 2 * hidden
-        self.lstm = nnx.data(lstm)
+        self.conv = nnx.data(_conv_params(rngs, c_in, channels, kernel))
+        c_lstm = (c_in, *channels)[-1]  # no conv layers: the LSTM reads the inputs
+        last_whh_b = self.pooling != "last"
+        self.lstm = nnx.data(_lstm_params(rngs, c_lstm, hidden, num_layers, last_whh_b))
 
         embed = jax.nn.initializers.normal(0.1)
         self.static_emb = nnx.data(

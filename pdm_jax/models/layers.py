@@ -82,7 +82,7 @@ def spec_from_config(
     hparams = model_cfg.get(name)
     if dtype not in DTYPES:
         raise ConfigError(f"config.compute.dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
-    policy = model_cfg.get("remat_policy", "nothing_saveable")
+    policy = model_cfg.remat_policy
     if policy not in REMAT_POLICIES:
         raise ConfigError(
             f"config.model.remat_policy: expected one of {tuple(REMAT_POLICIES)}, got {policy!r}"
@@ -96,14 +96,14 @@ def spec_from_config(
         dtype=dtype,
         static_cardinalities=tuple(int(c) for c in static_cardinalities),
         num_known=num_known,
-        # 'auto' is the platform layout's call (platform.decide); unresolved it means off.
-        remat=() if model_cfg.get("remat", ()) == "auto" else tuple(model_cfg.get("remat", ())),
+        # 'auto' is the hardware layout's call (hardware.decide); unresolved it means off.
+        remat=() if model_cfg.remat == "auto" else tuple(model_cfg.remat),
         remat_policy=policy,
-        target_scale=float(model_cfg.get("target_scale", 1.0) or 1.0),
-        target_offset=float(model_cfg.get("target_offset", 0.0)),
-        point_loss=str(model_cfg.get("point_loss", "mse")),
-        huber_delta=float(model_cfg.get("huber_delta", 10.0)),
-        ensemble=int(model_cfg.get("ensemble", 1)),
+        target_scale=float(model_cfg.target_scale),
+        target_offset=float(model_cfg.target_offset),
+        point_loss=str(model_cfg.point_loss),
+        huber_delta=float(model_cfg.huber_delta),
+        ensemble=int(model_cfg.ensemble),
         hparams=tuple(
             sorted(
                 dict(hparams.to_dict() if hasattr(hparams, "to_dict") else hparams or {}).items()

@@ -23,6 +23,7 @@ Why the code looks the way it does (measured on a 2-core CPU, see docs/DESIGN.md
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,20 @@ class Params(nnx.Module):
 
 def arrays(module: nnx.Module) -> dict[str, jax.Array]:
     return {k: v[...] for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+
+
+class AttentionParams(NamedTuple):
+    """The attention stage's parameter groups (as arrays), passed to it as one argument.
+
+    The stage runs under `jax.checkpoint` when remat names it, so its params must come in as
+    arguments rather than be read from the module; grouped, they are one pytree argument.
+    """
+
+    enrich: dict[str, jax.Array]  # static-enrichment GRN
+    attention: dict[str, jax.Array]  # wq, wk, wv (shared by the heads), wo, bo
+    attention_gate: dict[str, jax.Array]  # gate-add-norm after attention
+    positionwise: dict[str, jax.Array]  # position-wise GRN
+    output_gate: dict[str, jax.Array]  # gate-add-norm back onto the temporal features
 
 
 def _grn_params(rngs: nnx.Rngs, d_in: int, d_hidden: int, d_out: int, d_ctx: int = 0) -> Params:
@@ -256,7 +271,7 @@ class TFT(nnx.Module):
         _, hs = jax.lax.scan(step, (h0, c0), (xp, mask_t))
         return jnp.swapaxes(hs, 0, 1)
 
-    def _attention(self, pe, pa, pg, pp, po, temporal, mask, ctx_e, key, *, queries):
+    def _attention(self, params: AttentionParams, temporal, mask, enrich_ctx, key, *, queries):
         """Static enrichment, interpretable attention and the position-wise stack.
 
         `queries` is the number of last steps that get an output (1 in training, T for details).
@@ -264,9 +279,10 @@ class TFT(nnx.Module):
         """
         t = temporal.shape[1]
         rate = self.spec.dropout
+        pa = params.attention
         k1, k2, k3 = layers.split_key(key, 3)
-        ctx = None if ctx_e is None else ctx_e[:, None, :]
-        enriched = grn(pe, temporal, ctx, k1, rate)  # [B, T, D]
+        ctx = None if enrich_ctx is None else enrich_ctx[:, None, :]
+        enriched = grn(params.enrich, temporal, ctx, k1, rate)  # [B, T, D]
         q_in = enriched[:, t - queries :]
         q = jnp.einsum("bqd,hdk->bhqk", q_in, pa["wq"])
         k = jnp.einsum("btd,hdk->bhtk", enriched, pa["wk"])
@@ -280,9 +296,9 @@ class TFT(nnx.Module):
         attn = jnp.where(visible, attn, 0.0)  # a fully padded query row attends to nothing
         heads = jnp.einsum("bhqt,btk->bhqk", attn.astype(v.dtype), v).mean(axis=1)  # [B, Q, dk]
         heads = dropout(heads, rate, k2)
-        post = gate_add_norm(pg, heads, q_in, pa["wo"], pa["bo"])
-        out = grn(pp, post, None, k3, rate)
-        return gate_add_norm(po, out, temporal[:, t - queries :]), attn
+        post = gate_add_norm(params.attention_gate, heads, q_in, pa["wo"], pa["bo"])
+        out = grn(params.positionwise, post, None, k3, rate)
+        return gate_add_norm(params.output_gate, out, temporal[:, t - queries :]), attn
 
     def _static(self, static: jax.Array, key):
         """Static selection -> (weights [B, S], contexts c_s, c_e, c_h, c_c each [B, D])."""
@@ -331,17 +347,14 @@ class TFT(nnx.Module):
         attention = layers.maybe_remat(
             functools.partial(self._attention, queries=queries), spec, "attention"
         )
-        feats, attn = attention(
-            cast(self.enrich),
-            cast(self.attn),
-            cast(self.attn_gate),
-            cast(self.positionwise),
-            cast(self.out_gate),
-            temporal,
-            mask,
-            ctx_e,
-            k_att,
+        attention_params = AttentionParams(
+            enrich=cast(self.enrich),
+            attention=cast(self.attn),
+            attention_gate=cast(self.attn_gate),
+            positionwise=cast(self.positionwise),
+            output_gate=cast(self.out_gate),
         )
+        feats, attn = attention(attention_params, temporal, mask, ctx_e, k_att)
         head = cast(self.head)
         pred = (feats[:, -1] @ head["w"] + head["b"]).astype(jnp.float32)
         out["pred"] = pred

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from pdm_jax.errors import ConfigError
-from pdm_jax.models import apply, build, cnn_bilstm, layers, split
+from pdm_jax.models import apply, build, layers, split
 from tests.conftest import load_config
 
 B, T, F = 6, 30, 14
@@ -180,51 +180,6 @@ def test_dropout_follows_the_key():
     np.testing.assert_array_equal(np.asarray(run(params, k1)), np.asarray(run(params, k1)))
     assert not np.allclose(np.asarray(run(params, k1)), np.asarray(run(params, k2)))
     assert not np.allclose(np.asarray(run(params, k1)), np.asarray(plain(params)))
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("return_sequences", [False, True])
-def test_custom_vjp_scan_matches_autodiff(reverse, return_sequences):
-    rng = np.random.default_rng(0)
-    t, b, h = 12, 5, 6
-    xp = jnp.asarray(rng.normal(size=(t, b, 4 * h)), jnp.float32)
-    whh = jnp.asarray(rng.normal(size=(h, 4 * h)) * 0.5, jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(4 * h,)), jnp.float32)
-    mask = jnp.asarray(np.arange(t)[:, None] >= np.array([0, 3, 7, 11, 1])[None, :])
-    out_shape = (t, b, h) if return_sequences else (b, h)
-    cot = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-
-    def f(custom):
-        def loss(xp, whh, bias):
-            hs = cnn_bilstm.lstm_scan(
-                xp,
-                whh,
-                bias,
-                mask,
-                reverse=reverse,
-                return_sequences=return_sequences,
-                custom_vjp=custom,
-            )
-            return jnp.sum(hs * cot)
-
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(xp, whh, bias)
-
-    (l_ref, g_ref), (l_cus, g_cus) = f(False), f(True)
-    np.testing.assert_array_equal(np.asarray(l_ref), np.asarray(l_cus))
-    assert_tree_close(g_ref, g_cus, rtol=1e-5, atol=1e-6)
-    # Masked (left-padded) steps get no gradient at all, in either direction.
-    assert np.all(np.asarray(g_cus[0])[~np.asarray(mask)] == 0)
-
-
-def test_backward_direction_shortcut_is_the_reverse_scans_last_output():
-    rng = np.random.default_rng(1)
-    xp = jnp.asarray(rng.normal(size=(9, 4, 4 * 5)), jnp.float32)
-    whh = jnp.asarray(rng.normal(size=(5, 20)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(20,)), jnp.float32)
-    mask = jnp.ones((9, 4), bool)
-    hs = cnn_bilstm.lstm_scan_reference(xp, whh, bias, mask, reverse=True, return_sequences=True)
-    first = cnn_bilstm._first_step(xp[-1] + bias)
-    np.testing.assert_allclose(np.asarray(hs[-1]), np.asarray(first), rtol=0, atol=1e-7)
 
 
 def test_model_grads_with_custom_vjp_match_autodiff():

@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from pdm_jax import configuration, models, steps, train
+from pdm_jax import configuration, models, optim, prediction, training
 from pdm_jax.errors import ConfigError
 from pdm_jax.models import layers
+from pdm_jax.training import steps
 from tests.conftest import load_config
 
 TINY = {
@@ -36,7 +37,7 @@ def _member(params, m):
 
 
 # The ensemble code is model-agnostic; the CNN-BiLSTM keeps these tests cheap, and the TFT runs
-# as a two-member ensemble end to end in tests/test_predict.py.
+# as a two-member ensemble end to end in tests/test_inference.py.
 @pytest.mark.parametrize("name", ["cnn_bilstm"])
 def test_members_are_stacked_and_member_0_is_the_single_model_of_the_seed(name):
     graphdef, params = models.init(_spec(name, 3), seed=5)
@@ -63,7 +64,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members(name):
     each = [models.apply(graphdef.member, _member(params, m), inputs)["pred"] for m in range(3)]
     np.testing.assert_allclose(out, np.mean(each, axis=0), rtol=1e-5, atol=1e-4)
     assert not np.allclose(each[0], each[1])
-    predicted = steps.make_predict_step(graphdef, spec)(params, inputs)
+    predicted = prediction.make_predict_step(graphdef, spec)(params, inputs)
     np.testing.assert_allclose(predicted["pred"], out, rtol=1e-5, atol=1e-5)
 
 
@@ -80,14 +81,14 @@ def test_each_member_trains_exactly_as_it_would_alone():
     ]
 
     def fit(graphdef, params, members):
-        optimizer, _ = train.make_optimizer(cfg.train, members)
+        optimizer, _ = optim.make_optimizer(cfg.train, members)
         opt_state = optimizer.init(params)
         step = steps.make_train_step(graphdef, spec, optimizer)
         losses = []
         for i, batch in enumerate(batches):
-            params, opt_state, out = step(params, opt_state, steps.as_arrays(batch), np.int32(i))
+            params, opt_state, out = step(params, opt_state, steps.train_arrays(batch), np.int32(i))
             losses.append(float(out["loss"]))
-        return train.eval_params(params, opt_state), losses
+        return optim.eval_params(params, opt_state), losses
 
     together, losses = fit(graphdef, params, 2)
     alone = [fit(graphdef.member, _member(params, m), 1) for m in range(2)]
@@ -122,9 +123,9 @@ def test_an_ensemble_run_stopped_and_resumed_ends_like_one_run_straight_through(
         cfg.checkpoint.every_steps = 2
         return cfg
 
-    straight = train.train_and_evaluate(config(6), str(tmp_path / "straight"))
-    train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
-    resumed = train.train_and_evaluate(config(6), str(tmp_path / "resumed"))
+    straight = training.train_and_evaluate(config(6), str(tmp_path / "straight"))
+    training.train_and_evaluate(config(4), str(tmp_path / "resumed"))
+    resumed = training.train_and_evaluate(config(6), str(tmp_path / "resumed"))
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 6
     assert resumed["params_sha256"] == straight["params_sha256"]
     assert resumed["test"] == straight["test"] and resumed["calibration"] == straight["calibration"]

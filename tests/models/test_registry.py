@@ -4,10 +4,11 @@ import numpy as np
 import optax
 import pytest
 
-from pdm_jax import configuration, models, steps
+from pdm_jax import configuration, models, prediction
 from pdm_jax.data import dataset
 from pdm_jax.errors import ConfigError
 from pdm_jax.models import layers
+from pdm_jax.training import steps
 from tests.conftest import load_config
 
 
@@ -22,10 +23,10 @@ def test_registry_builds_each_model_and_a_train_step_runs_on_real_windows(name):
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)
     step = steps.make_train_step(graphdef, spec, optimizer)
-    batch = steps.as_arrays(prepared.train.gather(np.arange(16)))
+    batch = steps.train_arrays(prepared.train.gather(np.arange(16)))
     params, opt_state, metrics = step(params, opt_state, batch, 0)
     assert np.isfinite(float(metrics["loss"]))
-    out = steps.make_predict_step(graphdef, spec)(params, batch)
+    out = prediction.make_predict_step(graphdef, spec)(params, batch)
     assert out["pred"].shape == (16, spec.num_outputs) and out["point"].shape == (16,)
 
 

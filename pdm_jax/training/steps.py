@@ -1,4 +1,4 @@
-"""The jitted train and predict steps, as pure functions of plain pytrees.
+"""The jitted train step, a pure function of plain pytrees (the predict step: `prediction`).
 
 `jax.jit` over `(params, opt_state, batch, key)` rather than `nnx.jit` over a module: on this CPU
 nnx.jit measured about twice the per-step overhead, and plain pytrees are what sharding and Orbax
@@ -18,13 +18,7 @@ from jax.sharding import Mesh
 from pdm_jax import models, parallel
 from pdm_jax.models import layers
 from pdm_jax.models.layers import ModelSpec
-
-MODEL_INPUTS = ("x", "mask", "static", "known")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a data batch the models read."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+from pdm_jax.prediction import MODEL_INPUTS, model_inputs
 
 
 def make_loss_fn(graphdef: Any, spec: ModelSpec) -> Callable[..., jax.Array]:
@@ -138,73 +132,6 @@ def make_train_step(
     )
 
 
-def prediction_batch_size(size: int, data_parallel: int, microbatch: int = 0) -> int:
-    """`size` rounded up to a multiple of the data-parallel size, and of the per-device chunks
-    (`microbatch` each) when it holds more than one chunk per device, so they apply."""
-    multiple = max(1, data_parallel) * max(1, microbatch)
-    if size <= multiple:
-        multiple = max(1, data_parallel)
-    return -(-size // multiple) * multiple
-
-
-def _in_chunks(
-    forward: Callable[[dict[str, Any]], Any], inputs: dict[str, Any], parts: int, chunks: int
-) -> Any:
-    """forward over `chunks` consecutive slices of each of `parts` equal parts of the batch (the
-    data-parallel shards), one slice per part at a time: [B] -> [chunks, parts * B/(parts*chunks)]
-    rows, `lax.map` over the first axis, and the outputs put back in batch order."""
-
-    def split(x: jax.Array) -> jax.Array:
-        x = x.reshape(parts, chunks, -1, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1).reshape(chunks, -1, *x.shape[3:])
-
-    def join(y: jax.Array) -> jax.Array:
-        y = y.reshape(chunks, parts, -1, *y.shape[2:])
-        return jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[3:])
-
-    out = jax.lax.map(forward, jax.tree.map(split, inputs))
-    return jax.tree.map(join, out)
-
-
-def make_predict_step(
-    graphdef: Any,
-    spec: ModelSpec,
-    mesh: Mesh | None = None,
-    compiler_options: dict[str, Any] | None = None,
-    microbatch: int = 0,
-) -> Callable[[Any, dict[str, Any]], dict[str, jax.Array]]:
-    """(params, batch) -> {"pred": [B, Q] fp32, "point": [B] fp32}; with a mesh the batch is
-    split on the data axis and the outputs come back replicated, readable on every process.
-
-    `microbatch` > 0 runs each device's share of the batch as a loop over chunks of that many
-    windows (when it divides the share): the same numbers, and on a CPU the intermediates of a
-    chunk stay in cache (config.compute.infer_microbatch).
-    """
-    parts = mesh.shape[parallel.DATA] if mesh is not None else 1
-
-    def forward(params: Any, inputs: dict[str, Any]) -> jax.Array:
-        if mesh is not None and parts > 1:
-            inputs = jax.lax.with_sharding_constraint(inputs, parallel.batch_sharding(mesh))
-        return models.apply(graphdef, params, inputs)["pred"]
-
-    def predict_step(params, batch):
-        inputs = model_inputs(batch)
-        share = next(iter(inputs.values())).shape[0] // parts
-        if microbatch and share > microbatch and share % microbatch == 0:
-            pred = _in_chunks(
-                lambda chunk: forward(params, chunk), inputs, parts, share // microbatch
-            )
-        else:
-            pred = forward(params, inputs)
-        return {"pred": pred, "point": layers.point_prediction(pred, spec.quantiles)}
-
-    options = {"compiler_options": compiler_options} if compiler_options else {}
-    if mesh is None:
-        return jax.jit(predict_step, **options)
-    state, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(predict_step, in_shardings=(state, data), out_shardings=state, **options)
-
-
 TRAIN_KEYS = (*MODEL_INPUTS, "y", "weight")
 
 
@@ -213,6 +140,6 @@ def host_arrays(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in TRAIN_KEYS}
 
 
-def as_arrays(batch: dict[str, Any]) -> dict[str, jax.Array]:
+def train_arrays(batch: dict[str, Any]) -> dict[str, jax.Array]:
     """Host batch -> single-device arrays for the keys a train step reads."""
     return {k: jnp.asarray(v) for k, v in host_arrays(batch).items()}

@@ -16,10 +16,11 @@ from typing import Any
 import ml_collections
 import pytest
 
-from pdm_jax import platform
+from pdm_jax import hardware
 from pdm_jax.configuration import load_config
 from pdm_jax.errors import ConfigError
-from pdm_jax.platform import DMI_DIR, GiB, Snapshot
+from pdm_jax.hardware import DMI_DIR, GiB, Snapshot
+from pdm_jax.hardware import snapshot as snapshot_module
 
 # --- recorded environments --------------------------------------------------------------------
 
@@ -32,7 +33,7 @@ AZURE_DMI = {
     f"{DMI_DIR}/sys_vendor": "Microsoft Corporation",
     f"{DMI_DIR}/product_name": "Virtual Machine",
     f"{DMI_DIR}/bios_vendor": "Microsoft Corporation",
-    f"{DMI_DIR}/chassis_asset_tag": platform.AZURE_ASSET_TAG,
+    f"{DMI_DIR}/chassis_asset_tag": hardware.AZURE_ASSET_TAG,
 }
 EC2_DMI = {
     f"{DMI_DIR}/sys_vendor": "Amazon EC2",
@@ -118,7 +119,7 @@ FIXTURES: dict[str, dict[str, Any]] = {
         "env": {
             "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
             "KAGGLE_URL_BASE": "https://www.kaggle.com",
-            "KAGGLE_USER_SECRETS_TOKEN": platform.REDACTED,
+            "KAGGLE_USER_SECRETS_TOKEN": hardware.REDACTED,
         },
         "files": GCE_DMI,
         "modules": ["kaggle_secrets"],
@@ -319,8 +320,8 @@ def snapshot(name_or_fixture: str | dict[str, Any], **changes: Any) -> Snapshot:
     return Snapshot.from_dict(fixture | changes)
 
 
-def detected(name_or_fixture: str | dict[str, Any], **changes: Any) -> platform.Platform:
-    return platform.detect(snapshot(name_or_fixture, **changes))
+def detected(name_or_fixture: str | dict[str, Any], **changes: Any) -> hardware.Platform:
+    return hardware.detect(snapshot(name_or_fixture, **changes))
 
 
 @functools.cache
@@ -369,7 +370,7 @@ def test_detect_recognises_each_environment(name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_decide_layout_for_each_environment(name):
     found = detected(name)
-    layout = platform.decide(found, make_config("tft", train__batch_size=256))
+    layout = hardware.decide(found, make_config("tft", train__batch_size=256))
     mesh, dtype, accum, per_device, remat, cache_on, workers = EXPECTED_LAYOUT[name]
     assert layout.mesh_shape == mesh
     assert layout.dtype == dtype
@@ -386,18 +387,18 @@ def test_decide_layout_for_each_environment(name):
     assert layout.infer_microbatch == (32 if found.backend == "cpu" else 0)
     multi_gpu = found.backend == "gpu" and found.num_devices > 1
     assert bool(layout.xla_flags) == multi_gpu
-    expected_sources = {name: "auto" for name in platform.CONFIG_KEYS} | {"global_batch": "config"}
+    expected_sources = {name: "auto" for name in hardware.CONFIG_KEYS} | {"global_batch": "config"}
     assert dict(layout.sources) == expected_sources
     assert layout.per_device_batch * mesh[0] * layout.grad_accum == layout.global_batch
 
 
 def test_cache_dir_follows_xdg_cache_home_then_home():
     xdg = detected("gce_h100x8", env={"XDG_CACHE_HOME": "/scratch/cache", "HOME": "/home/u"})
-    assert platform.decide(xdg, make_config()).compilation_cache_dir == (
+    assert hardware.decide(xdg, make_config()).compilation_cache_dir == (
         "/scratch/cache/pdm_jax/jax_cache"
     )
     home = detected("gce_h100x8", env={"HOME": "/home/u"})
-    assert platform.decide(home, make_config()).compilation_cache_dir == (
+    assert hardware.decide(home, make_config()).compilation_cache_dir == (
         "/home/u/.cache/pdm_jax/jax_cache"
     )
 
@@ -439,12 +440,12 @@ def test_accelerator_names_are_normalised(backend, kind, expected):
 )
 def test_auto_dtype_needs_compute_capability_8(cc, expected):
     found = detected("laptop", devices=devices("GPU", cc=cc, memory_gib=16))
-    assert platform.decide(found, make_config()).dtype == expected
+    assert hardware.decide(found, make_config()).dtype == expected
 
 
 def test_auto_dtype_on_a_gpu_without_compute_capability_is_float32():
     found = detected("laptop", devices=devices("AMD Instinct MI250X", memory_gib=64))
-    layout = platform.decide(found, make_config())
+    layout = hardware.decide(found, make_config())
     assert layout.dtype == FP32
     assert any(n.startswith("dtype: ") and "unknown" in n for n in layout.notes)
 
@@ -455,7 +456,7 @@ SMALL_V100 = {"devices": devices("Tesla V100-SXM2-16GB", cc="7.0", memory_gib=16
 
 
 def test_activation_estimate_scales_with_window_width_dtype_and_remat():
-    estimate = platform.activation_bytes_per_sample
+    estimate = hardware.activation_bytes_per_sample
     tft = make_config("tft")
     assert estimate(tft, FP32, remat=False) == 1_600_000
     assert estimate(tft, BF16, remat=False) == 960_000
@@ -473,7 +474,7 @@ def test_activation_estimate_scales_with_window_width_dtype_and_remat():
 def test_small_gpu_large_batch_turns_on_remat_and_accumulation():
     # 16 GiB V100 (fp32): budget 8 GiB. TFT at 1.6 MB/sample fits 5368 samples, 10737 with remat.
     found = detected("laptop", **SMALL_V100)
-    layout = platform.decide(found, make_config("tft", train__batch_size=65536))
+    layout = hardware.decide(found, make_config("tft", train__batch_size=65536))
     assert layout.dtype == FP32
     assert layout.remat == ("vsn", "lstm", "attention")
     assert (layout.grad_accum, layout.per_device_batch) == (8, 8192)
@@ -484,7 +485,7 @@ def test_small_gpu_large_batch_turns_on_remat_and_accumulation():
 def test_explicit_no_remat_needs_more_accumulation():
     found = detected("laptop", **SMALL_V100)
     config = make_config("tft", train__batch_size=65536, model__remat=())
-    layout = platform.decide(found, config)
+    layout = hardware.decide(found, config)
     assert layout.remat == ()
     assert (layout.grad_accum, layout.per_device_batch) == (16, 4096)
     assert (layout.sources["remat"], layout.sources["grad_accum"]) == ("config", "auto")
@@ -493,10 +494,10 @@ def test_explicit_no_remat_needs_more_accumulation():
 def test_auto_remat_only_looks_at_an_explicit_accumulation():
     found = detected("laptop", **SMALL_V100)
     enough = make_config("tft", train__batch_size=65536, train__grad_accum="32")  # CLI string
-    layout = platform.decide(found, enough)
+    layout = hardware.decide(found, enough)
     assert (layout.remat, layout.grad_accum, layout.per_device_batch) == ((), 32, 2048)
     short = make_config("tft", train__batch_size=65536, train__grad_accum=4)
-    layout = platform.decide(found, short)
+    layout = hardware.decide(found, short)
     assert layout.remat == ("vsn", "lstm", "attention")
     assert layout.grad_accum == 4
     assert any(n.startswith("per_device_batch:") and "may not fit" in n for n in layout.notes)
@@ -504,7 +505,7 @@ def test_auto_remat_only_looks_at_an_explicit_accumulation():
 
 def test_cnn_remat_when_it_avoids_accumulation():
     found = detected("laptop", **SMALL_V100)
-    layout = platform.decide(found, make_config("cnn_bilstm", train__batch_size=65536))
+    layout = hardware.decide(found, make_config("cnn_bilstm", train__batch_size=65536))
     assert (layout.remat, layout.grad_accum) == (("conv", "lstm"), 1)
 
 
@@ -512,7 +513,7 @@ def test_nothing_fits_accumulates_everything_and_says_so():
     tiny = {
         "devices": devices("NVIDIA A100-SXM4-40GB", cc="8.0", memory_gib=1 / 4096)
     }  # 128 KiB budget
-    layout = platform.decide(detected("laptop", **tiny), make_config(train__batch_size=512))
+    layout = hardware.decide(detected("laptop", **tiny), make_config(train__batch_size=512))
     assert (layout.grad_accum, layout.per_device_batch) == (512, 1)
     assert any("even a per-device batch of 1" in n for n in layout.notes)
 
@@ -520,18 +521,18 @@ def test_nothing_fits_accumulates_everything_and_says_so():
 def test_unknown_memory_is_assumed_and_noted():
     gpu = detected("laptop", devices=devices("NVIDIA A100-SXM4-40GB", cc="8.0"))
     assert gpu.device_memory_bytes is None
-    notes = platform.decide(gpu, make_config()).notes
+    notes = hardware.decide(gpu, make_config()).notes
     assert any(n.startswith("memory:") and "16.0 GiB" in n for n in notes)
     cpu = detected("container_no_dmi")
-    notes = platform.decide(cpu, make_config()).notes
+    notes = hardware.decide(cpu, make_config()).notes
     assert any(n.startswith("memory:") and "8.0 GiB" in n for n in notes)
 
 
 def test_cpu_budget_is_shared_by_local_devices(monkeypatch):
     # 16 GiB host, 8 forced host devices: 0.25 * 16 GiB / 8 = 0.5 GiB, 335 TFT samples per device
-    monkeypatch.setitem(platform.CPU_TRAIN_MICROBATCH, "tft", 0)  # memory alone decides here
+    monkeypatch.setitem(hardware.CPU_TRAIN_MICROBATCH, "tft", 0)  # memory alone decides here
     eight = detected("laptop", devices=devices("cpu", 8, backend="cpu"))
-    layout = platform.decide(eight, make_config(train__batch_size=8 * 1024, model__remat=()))
+    layout = hardware.decide(eight, make_config(train__batch_size=8 * 1024, model__remat=()))
     assert (layout.mesh_shape, layout.grad_accum, layout.per_device_batch) == ((8, 1), 4, 256)
 
 
@@ -551,7 +552,7 @@ def test_explicit_values_win_and_are_marked_config():
         compute__xla_flags="--xla_gpu_enable_latency_hiding_scheduler=false",
         compute__compilation_cache="",
     )
-    layout = platform.decide(found, config)
+    layout = hardware.decide(found, config)
     assert layout.mesh_shape == (8, 1)
     assert layout.dtype == FP32
     assert (layout.grad_accum, layout.per_device_batch) == (2, 16)
@@ -573,7 +574,7 @@ def test_explicit_values_win_and_are_marked_config():
 )
 def test_command_line_spellings_are_accepted(mesh, remat, cache, expected):
     config = make_config(compute__mesh=mesh, model__remat=remat, compute__compilation_cache=cache)
-    layout = platform.decide(detected("gce_h100x8"), config)
+    layout = hardware.decide(detected("gce_h100x8"), config)
     assert layout.mesh_shape == expected[0]
     assert layout.remat == expected[1]
     assert expected[2] in layout.compilation_cache_dir
@@ -588,7 +589,7 @@ def test_an_older_config_without_the_new_keys_means_auto():
             "train": {"batch_size": 512},
         }
     )
-    layout = platform.decide(detected("gce_h100x8"), config)
+    layout = hardware.decide(detected("gce_h100x8"), config)
     assert layout.mesh_shape == (8, 1)
     assert layout.compilation_cache_dir is not None
     assert layout.sources["remat"] == "config"  # the old default: an explicit ()
@@ -600,24 +601,24 @@ def test_an_older_config_without_the_new_keys_means_auto():
 
 def test_batch_not_divisible_by_the_devices_suggests_valid_sizes():
     with pytest.raises(ConfigError) as error:
-        platform.decide(detected("gce_h100x8"), make_config(train__batch_size=100))
+        hardware.decide(detected("gce_h100x8"), make_config(train__batch_size=100))
     message = str(error.value)
     assert message.startswith("config.train.batch_size:")
     assert "data-parallel size 8" in message
     assert "96 or 104" in message
     with pytest.raises(ConfigError, match=r"^config\.train\.batch_size:.*valid values: 8$"):
-        platform.decide(detected("gce_h100x8"), make_config(train__batch_size=4))
+        hardware.decide(detected("gce_h100x8"), make_config(train__batch_size=4))
 
 
 @pytest.mark.parametrize("batch", [0, -8, "abc", 2.5])
 def test_batch_must_be_a_positive_integer(batch):
     with pytest.raises(ConfigError, match=r"^config\.train\.batch_size:"):
-        platform.decide(detected("laptop"), make_config(train__batch_size=batch))
+        hardware.decide(detected("laptop"), make_config(train__batch_size=batch))
 
 
 def test_grad_accum_must_divide_the_per_replica_batch():
     with pytest.raises(ConfigError) as error:
-        platform.decide(
+        hardware.decide(
             detected("gce_h100x8"), make_config(train__batch_size=256, train__grad_accum=3)
         )
     message = str(error.value)
@@ -629,13 +630,13 @@ def test_grad_accum_must_divide_the_per_replica_batch():
 @pytest.mark.parametrize("accum", [0, -2, "two", "1.5", True])
 def test_grad_accum_must_be_auto_or_a_positive_integer(accum):
     with pytest.raises(ConfigError, match=r"^config\.train\.grad_accum:"):
-        platform.decide(detected("laptop"), make_config(train__grad_accum=accum))
+        hardware.decide(detected("laptop"), make_config(train__grad_accum=accum))
 
 
 @pytest.mark.parametrize("mesh", [(4, 1), (4, 2), (8, 2), (8,), "bogus", 8, (8, 1, 1)])
 def test_bad_mesh_names_the_key(mesh):
     with pytest.raises(ConfigError, match=r"^config\.compute\.mesh:.*8 devices"):
-        platform.decide(detected("gce_h100x8"), make_config(compute__mesh=mesh))
+        hardware.decide(detected("gce_h100x8"), make_config(compute__mesh=mesh))
 
 
 @pytest.mark.parametrize(
@@ -656,7 +657,7 @@ def test_bad_mesh_names_the_key(mesh):
 def test_other_bad_values_name_their_key(key, value):
     config = make_config(**{key.replace(".", "__"): value})
     with pytest.raises(ConfigError, match=rf"^config\.{key.replace('.', '[.]')}:"):
-        platform.decide(detected("gce_h100x8"), config)
+        hardware.decide(detected("gce_h100x8"), config)
 
 
 # --- warnings -------------------------------------------------------------------------------
@@ -667,9 +668,9 @@ def test_gpu_runtime_where_jax_sees_only_cpu_is_warned():
     assert (found.backend, found.runtime) == ("cpu", "colab-cpu")
     assert len(found.warnings) == 1
     assert "jax[cuda12]" in found.warnings[0]
-    layout = platform.decide(found, make_config())
+    layout = hardware.decide(found, make_config())
     assert any(n.startswith("platform:") and "jax[cuda12]" in n for n in layout.notes)
-    assert "jax[cuda12]" in platform.describe(found, layout)
+    assert "jax[cuda12]" in hardware.describe(found, layout)
     chosen = detected(
         "colab_t4", devices=CPU, env=FIXTURES["colab_t4"]["env"] | {"JAX_PLATFORMS": "cpu"}
     )
@@ -700,11 +701,11 @@ def test_empty_device_list_is_an_error():
 
 def test_describe_mentions_every_decision_value_source_and_reason():
     found = detected("sagemaker_a100x8")
-    layout = platform.decide(found, make_config(compute__dtype=FP32, train__batch_size=1024))
-    text = platform.describe(found, layout)
+    layout = hardware.decide(found, make_config(compute__dtype=FP32, train__batch_size=1024))
+    text = hardware.describe(found, layout)
     assert "sagemaker" in text and "A100" in text and "NVIDIA A100-SXM4-40GB" in text
     lines = text.splitlines()
-    for name in platform.CONFIG_KEYS:
+    for name in hardware.CONFIG_KEYS:
         (line,) = [line for line in lines if line.strip().startswith(name + " ")]
         assert layout.sources[name] in line.split()
     (dtype_line,) = [line for line in lines if line.strip().startswith("dtype ")]
@@ -716,12 +717,12 @@ def test_describe_mentions_every_decision_value_source_and_reason():
 
 def test_to_dict_is_json_and_complete():
     found = detected("gce_tpu_v4_16")
-    layout = platform.decide(found, make_config())
-    data = json.loads(json.dumps(platform.to_dict(found, layout)))
+    layout = hardware.decide(found, make_config())
+    data = json.loads(json.dumps(hardware.to_dict(found, layout)))
     assert data["platform"]["accelerator"] == "TPU v4"
     assert data["platform"]["local_devices"] == 4
     assert data["layout"]["mesh_shape"] == [8, 1]
-    assert set(data["layout"]["sources"]) == set(platform.CONFIG_KEYS)
+    assert set(data["layout"]["sources"]) == set(hardware.CONFIG_KEYS)
     assert len(data["layout"]["notes"]) == len(layout.notes)
 
 
@@ -734,21 +735,21 @@ def test_snapshot_round_trips_through_json():
 def test_remat_blocks_match_the_models():
     from pdm_jax.models import cnn_bilstm, tft
 
-    assert platform.REMAT_BLOCKS == {"tft": tft.REMAT_BLOCKS, "cnn_bilstm": cnn_bilstm.REMAT_BLOCKS}
+    assert hardware.REMAT_BLOCKS == {"tft": tft.REMAT_BLOCKS, "cnn_bilstm": cnn_bilstm.REMAT_BLOCKS}
 
 
 # --- applying a layout ----------------------------------------------------------------------
 
 
 def test_compiler_options_are_typed():
-    layout = platform.decide(
+    layout = hardware.decide(
         detected("gce_h100x8"),
         make_config(
             compute__xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true "
             "--xla_gpu_memory_limit_slop_factor=95 --xla_dump_to=/tmp/dump --xla_gpu_foo=false"
         ),
     )
-    assert platform.compiler_options(layout) == {
+    assert hardware.compiler_options(layout) == {
         "xla_gpu_enable_latency_hiding_scheduler": True,
         "xla_gpu_memory_limit_slop_factor": 95,
         "xla_dump_to": "/tmp/dump",
@@ -760,12 +761,12 @@ def test_apply_runtime_sets_the_compilation_cache(tmp_path):
     import jax
 
     cache = tmp_path / "jax_cache"
-    layout = platform.decide(
+    layout = hardware.decide(
         detected("gce_h100x8"), make_config(compute__compilation_cache=str(cache))
     )
     before = jax.config.jax_compilation_cache_dir
     try:
-        options = platform.apply_runtime(layout)
+        options = hardware.apply_runtime(layout)
         assert jax.config.jax_compilation_cache_dir == str(cache)
         assert cache.is_dir()
         assert options == {"xla_gpu_enable_latency_hiding_scheduler": True}
@@ -781,26 +782,26 @@ def test_gather_on_this_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("KAGGLE_USER_SECRETS_TOKEN", "s3cret")
     monkeypatch.setenv("PDM_TEST_UNRELATED", "x")
     (tmp_path / "sys_vendor").write_text("Amazon EC2\n")
-    monkeypatch.setattr(platform, "_DMI_ROOT", str(tmp_path))
-    live = platform.gather()
+    monkeypatch.setattr(snapshot_module, "_DMI_ROOT", str(tmp_path))
+    live = hardware.gather()
     assert live.devices and live.cpu_count >= 1
-    assert live.env["KAGGLE_USER_SECRETS_TOKEN"] == platform.REDACTED
+    assert live.env["KAGGLE_USER_SECRETS_TOKEN"] == hardware.REDACTED
     assert "PDM_TEST_UNRELATED" not in live.env
     assert live.files == {f"{DMI_DIR}/sys_vendor": "Amazon EC2"}
     json.dumps(live.to_dict())
-    found = platform.detect(live)
-    assert isinstance(found, platform.Platform)
+    found = hardware.detect(live)
+    assert isinstance(found, hardware.Platform)
     assert found.backend == "cpu"
     assert found.environment == "kaggle"  # KAGGLE_KERNEL_RUN_TYPE says so
-    layout = platform.decide(found, make_config(train__batch_size=found.num_devices * 8))
+    layout = hardware.decide(found, make_config(train__batch_size=found.num_devices * 8))
     assert layout.dtype == FP32 and layout.compilation_cache_dir is None
 
 
 def test_gather_and_detect_this_machine_as_it_is():
-    found = platform.detect(platform.gather())
+    found = hardware.detect(hardware.gather())
     assert found.backend == "cpu"
     assert found.environment in ("local", "gce", "aws", "azure", "slurm")
-    assert platform.decide(found, make_config()).dtype == FP32
+    assert hardware.decide(found, make_config()).dtype == FP32
 
 
 def test_module_probe_never_imports(tmp_path, monkeypatch):
@@ -809,20 +810,20 @@ def test_module_probe_never_imports(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("raise RuntimeError('imported')\n")
     (package / "sub.py").write_text("raise RuntimeError('imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert platform._importable("pdm_probe_pkg.sub")
-    assert not platform._importable("pdm_probe_pkg.missing")
-    assert not platform._importable("pdm_no_such_package.sub")
+    assert snapshot_module._importable("pdm_probe_pkg.sub")
+    assert not snapshot_module._importable("pdm_probe_pkg.missing")
+    assert not snapshot_module._importable("pdm_no_such_package.sub")
     assert "pdm_probe_pkg" not in sys.modules
 
 
 def test_infer_microbatch_chunks_only_the_tft_on_cpu():
     """Measured (docs/DESIGN.md): chunks of 32 windows double the TFT's CPU inference; the
     CNN-BiLSTM gains nothing, and accelerators want the whole batch."""
-    assert platform.decide_infer_microbatch("cpu", "tft")[:2] == (32, True)
-    assert platform.decide_infer_microbatch("cpu", "cnn_bilstm")[:2] == (0, True)
-    assert platform.decide_infer_microbatch("gpu", "tft")[:2] == (0, True)
-    assert platform.decide_infer_microbatch("tpu", "tft", "8")[:2] == (8, False)
-    layout = platform.decide(detected("laptop"), make_config("cnn_bilstm"))
+    assert hardware.decide_infer_microbatch("cpu", "tft")[:2] == (32, True)
+    assert hardware.decide_infer_microbatch("cpu", "cnn_bilstm")[:2] == (0, True)
+    assert hardware.decide_infer_microbatch("gpu", "tft")[:2] == (0, True)
+    assert hardware.decide_infer_microbatch("tpu", "tft", "8")[:2] == (8, False)
+    layout = hardware.decide(detected("laptop"), make_config("cnn_bilstm"))
     assert layout.infer_microbatch == 0
 
 
@@ -830,16 +831,16 @@ def test_cpu_trains_the_tft_in_microbatches_of_32_and_the_cnn_whole():
     """Measured (docs/DESIGN.md): the TFT's CPU train step is ~1.7x faster as accumulated
     microbatches of 32; the CNN-BiLSTM's is far slower that way. An explicit value wins."""
     laptop = detected("laptop")
-    layout = platform.decide(laptop, make_config("tft", train__batch_size=256))
+    layout = hardware.decide(laptop, make_config("tft", train__batch_size=256))
     assert (layout.grad_accum, layout.per_device_batch) == (8, 32)
     assert any("microbatches of at most 32" in n for n in layout.notes)
-    layout = platform.decide(laptop, make_config("tft", train__batch_size=96))
+    layout = hardware.decide(laptop, make_config("tft", train__batch_size=96))
     assert (layout.grad_accum, layout.per_device_batch) == (3, 32)
-    layout = platform.decide(laptop, make_config("tft", train__batch_size=100))
+    layout = hardware.decide(laptop, make_config("tft", train__batch_size=100))
     assert (layout.grad_accum, layout.per_device_batch) == (4, 25)
-    layout = platform.decide(laptop, make_config("cnn_bilstm", train__batch_size=256))
+    layout = hardware.decide(laptop, make_config("cnn_bilstm", train__batch_size=256))
     assert (layout.grad_accum, layout.per_device_batch) == (1, 256)
-    layout = platform.decide(laptop, make_config("tft", train__batch_size=256, train__grad_accum=1))
+    layout = hardware.decide(laptop, make_config("tft", train__batch_size=256, train__grad_accum=1))
     assert (layout.grad_accum, layout.sources["grad_accum"]) == (1, "config")
-    gpu = platform.decide(detected("gce_h100x8"), make_config("tft", train__batch_size=256))
+    gpu = hardware.decide(detected("gce_h100x8"), make_config("tft", train__batch_size=256))
     assert gpu.grad_accum == 1

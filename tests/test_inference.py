@@ -1,4 +1,4 @@
-"""Batch inference from real checkpoints: `pdm_jax.predict` and scripts/predict.py.
+"""Batch inference from real checkpoints: `pdm_jax.inference` and scripts/predict.py.
 
 Two short training runs (module-scoped, started together) give the checkpoints: a tiny
 CNN-BiLSTM on 8 simulated devices, predicted here on 1, and a tiny TFT ensemble of two members
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pdm_jax import predict
+from pdm_jax import inference
 from pdm_jax.data import cmapss
 from pdm_jax.errors import ConfigError, DataError
 from tests.conftest import REPO, as_format_1
@@ -109,7 +109,7 @@ def test_checkpoint_from_eight_devices_predicts_the_report_on_one(runs, test_fil
     assert report["layout"]["mesh"] == [8, 1]
     assert report["data"]["features"][-1] == "time"
     out = tmp_path / "pred.csv"
-    frame = predict.predict_files(
+    frame = inference.predict_files(
         str(runs["cnn"]), [test_file], out, devices=jax.local_devices()[:1]
     )
     # A point model gets the p10-p90 band its run calibrated on the validation units.
@@ -150,8 +150,8 @@ def test_checkpoint_on_s3_predicts_the_report(runs, test_file, tmp_path, s3_env)
 
 
 def test_all_steps_gives_a_row_per_input_row_ending_in_the_default(runs, test_file):
-    default = predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
-    every = predict.predict_files(
+    default = inference.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    every = inference.predict_files(
         str(runs["cnn"]), [test_file], all_steps=True, show_progress=False
     )
     assert len(every) == TEST_ROWS
@@ -167,13 +167,13 @@ def test_all_steps_gives_a_row_per_input_row_ending_in_the_default(runs, test_fi
 def test_step_selection(runs, test_file):
     uri = str(runs["cnn"] / "checkpoints")
     steps = sorted(int(p.name) for p in (runs["cnn"] / "checkpoints").iterdir() if p.name.isdigit())
-    latest = predict.predict_files(uri, [test_file], step="latest", show_progress=False)
-    by_number = predict.predict_files(uri, [test_file], step=str(steps[-1]), show_progress=False)
+    latest = inference.predict_files(uri, [test_file], step="latest", show_progress=False)
+    by_number = inference.predict_files(uri, [test_file], step=str(steps[-1]), show_progress=False)
     pd.testing.assert_frame_equal(latest, by_number)
     with pytest.raises(ConfigError, match=r"--step=7: no such step .*steps: 20"):
-        predict.read_saved(uri, 7)
+        inference.read_saved(uri, 7)
     with pytest.raises(ConfigError, match="--step: expected best, latest or a step number"):
-        predict.read_saved(uri, "first")
+        inference.read_saved(uri, "first")
 
 
 def _assert_ordered(frame: pd.DataFrame) -> None:
@@ -192,7 +192,7 @@ def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     report = _report(runs["tft"])
     assert json.loads((runs["tft"] / "config.json").read_text())["model"]["ensemble"] == 2
     out = tmp_path / "pred.parquet"
-    raw = predict.predict_files(f"file://{runs['tft']}", [test_file], out, intervals="raw")
+    raw = inference.predict_files(f"file://{runs['tft']}", [test_file], out, intervals="raw")
     assert list(raw.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     np.testing.assert_allclose(
         raw["rul_pred"], [u["pred"] for u in report["per_unit"]], rtol=1e-5, atol=1e-4
@@ -200,7 +200,7 @@ def test_tft_quantile_columns_bracket_the_median(runs, test_file, tmp_path):
     _assert_ordered(raw)
     pd.testing.assert_frame_equal(pd.read_parquet(out), raw)
     # By default the band is the calibrated one the report scored, not the model's own.
-    frame = predict.predict_files(f"file://{runs['tft']}", [test_file])
+    frame = inference.predict_files(f"file://{runs['tft']}", [test_file])
     assert list(frame.columns) == list(raw.columns)
     pd.testing.assert_series_equal(frame["rul_pred"], raw["rul_pred"])
     _assert_ordered(frame)
@@ -217,18 +217,18 @@ def test_format_1_checkpoint_predicts_without_a_band(runs, test_file, tmp_path, 
     store = tmp_path / "checkpoints"
     shutil.copytree(runs["cnn"] / "checkpoints", store)
     as_format_1(store)
-    with caplog.at_level(logging.INFO, logger="pdm_jax.predict"):
-        frame = predict.predict_files(str(store), [test_file], devices=jax.local_devices()[:1])
+    with caplog.at_level(logging.INFO, logger="pdm_jax.inference"):
+        frame = inference.predict_files(str(store), [test_file], devices=jax.local_devices()[:1])
     assert list(frame.columns) == ["unit", "time", "rul_pred"]
     np.testing.assert_allclose(
         frame["rul_pred"], [u["pred"] for u in _report(runs["cnn"])["per_unit"]], atol=1e-4
     )
     assert "no calibrated p10-p90 band: checkpoint format 1 holds none" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pdm_jax.predict"):
-        predict.load(str(runs["cnn"]), devices=jax.local_devices()[:1])
+    with caplog.at_level(logging.INFO, logger="pdm_jax.inference"):
+        inference.load(str(runs["cnn"]), devices=jax.local_devices()[:1])
     assert "p10-p90 band: split-conformal, fitted on validation (" in caplog.text
-    raw = predict.predict_files(str(runs["cnn"]), [test_file], intervals="raw")
+    raw = inference.predict_files(str(runs["cnn"]), [test_file], intervals="raw")
     assert list(raw.columns) == ["unit", "time", "rul_pred"]
 
 
@@ -245,8 +245,8 @@ def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplo
     rest = history[~history["unit"].isin([7, 12])]
     path = tmp_path / "units.csv"
     pd.concat([short, late, rest]).to_csv(path, index=False)
-    caplog.set_level(logging.WARNING, logger="pdm_jax.predict")
-    frame = predict.predict_files(str(runs["cnn"]), [str(path)], show_progress=False)
+    caplog.set_level(logging.WARNING, logger="pdm_jax.inference")
+    frame = inference.predict_files(str(runs["cnn"]), [str(path)], show_progress=False)
     messages = [r.getMessage() for r in caplog.records]
     assert any("ignoring 1 column(s)" in m and "'operator_note'" in m for m in messages)
     assert any("1 unit(s) are shorter than the window (30 steps)" in m for m in messages)
@@ -257,7 +257,7 @@ def test_user_csv_extra_columns_and_short_units(runs, test_file, tmp_path, caplo
     )
     assert frame["unit"].tolist()[:3] == [7, 12, 1]  # the file's order
     assert frame["time"].iloc[0] == 5 and np.isfinite(frame["rul_pred"]).all()
-    reference = predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    reference = inference.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
     merged = frame.iloc[2:].merge(reference, on="unit", suffixes=("", "_ref"))
     assert len(merged) == 98
     np.testing.assert_allclose(merged["rul_pred"], merged["rul_pred_ref"], rtol=1e-5, atol=1e-4)
@@ -267,8 +267,8 @@ def test_values_in_other_units_are_warned_once_per_file(runs, test_file, tmp_pat
     """Temperatures in degrees Celsius instead of the training data's Rankine sit far outside the
     training range: one warning per file naming the columns, even over many chunks; the real file
     raises none."""
-    caplog.set_level(logging.WARNING, logger="pdm_jax.predict")
-    predict.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
+    caplog.set_level(logging.WARNING, logger="pdm_jax.inference")
+    inference.predict_files(str(runs["cnn"]), [test_file], show_progress=False)
     assert not [r for r in caplog.records if "far outside" in r.getMessage()]
     history = cmapss.read_history(test_file)
     for col in ("s_2", "s_3"):
@@ -276,7 +276,7 @@ def test_values_in_other_units_are_warned_once_per_file(runs, test_file, tmp_pat
     path = tmp_path / "celsius.csv"
     history.to_csv(path, index=False)
     caplog.clear()
-    predict.predict_files(str(runs["cnn"]), [str(path)], show_progress=False, chunk_rows=2000)
+    inference.predict_files(str(runs["cnn"]), [str(path)], show_progress=False, chunk_rows=2000)
     warned = [r.getMessage() for r in caplog.records if "far outside" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "'s_2' (median 83." in warned[0] and "training range 641" in warned[0]
@@ -288,7 +288,7 @@ def test_several_inputs_are_told_apart_by_file(runs, test_file, tmp_path):
     history = cmapss.read_history(test_file)
     part = tmp_path / "part.parquet"
     history[history["unit"] <= 3].to_parquet(part)
-    frame = predict.predict_files(str(runs["cnn"]), [test_file, part], show_progress=False)
+    frame = inference.predict_files(str(runs["cnn"]), [test_file, part], show_progress=False)
     assert list(frame.columns) == ["file", "unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     assert frame["file"].value_counts().to_dict() == {test_file: 100, str(part): 3}
     ours = frame[frame["file"] == str(part)].reset_index(drop=True)
@@ -311,7 +311,9 @@ def test_script_shards_over_eight_devices_and_writes_parquet(runs, test_file, tm
     assert "(batch 1008 over 8 device(s))" in proc.stderr
     assert f"{TEST_ROWS}/{TEST_ROWS} windows" in proc.stderr and "windows/s" in proc.stderr
     frame = pd.read_parquet(out)
-    one = predict.predict_files(str(runs["cnn"]), [test_file], all_steps=True, show_progress=False)
+    one = inference.predict_files(
+        str(runs["cnn"]), [test_file], all_steps=True, show_progress=False
+    )
     assert list(frame.columns) == ["unit", "time", "rul_pred"]
     assert list(one.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
     np.testing.assert_array_equal(frame[["unit", "time"]], one[["unit", "time"]])
@@ -342,9 +344,9 @@ def test_streamed_prediction_matches_the_whole_file(runs, test_file, tmp_path):
     come give the rows the in-memory prediction gives, for each input and output format."""
     history = cmapss.read_history(test_file)
     tft = str(runs["tft"])
-    whole = predict.predict_files(tft, [test_file], show_progress=False)
+    whole = inference.predict_files(tft, [test_file], show_progress=False)
     out = tmp_path / "tft.csv.gz"
-    rows = predict.predict_to_file(tft, [test_file], out, chunk_rows=1000, show_progress=False)
+    rows = inference.predict_to_file(tft, [test_file], out, chunk_rows=1000, show_progress=False)
     assert rows == 100
     streamed = pd.read_csv(out)
     assert list(streamed.columns) == ["unit", "time", "rul_pred", "rul_p10", "rul_p90"]
@@ -354,9 +356,9 @@ def test_streamed_prediction_matches_the_whole_file(runs, test_file, tmp_path):
     table = tmp_path / "history.parquet"
     history.to_parquet(table, index=False)
     cnn = str(runs["cnn"])
-    every = predict.predict_files(cnn, [test_file], all_steps=True, show_progress=False)
+    every = inference.predict_files(cnn, [test_file], all_steps=True, show_progress=False)
     out = tmp_path / "every.parquet"
-    rows = predict.predict_to_file(
+    rows = inference.predict_to_file(
         cnn, [table], out, all_steps=True, chunk_rows=777, show_progress=False
     )
     assert rows == TEST_ROWS
@@ -384,7 +386,7 @@ def test_script_error_deep_in_a_streamed_input_leaves_no_output(runs, test_file,
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == [path]
     with pytest.raises(ConfigError, match="--chunk_rows: expected an integer >= 1"):
-        predict.predict_to_file(str(runs["cnn"]), [path], out, chunk_rows=0)
+        inference.predict_to_file(str(runs["cnn"]), [path], out, chunk_rows=0)
     assert not out.exists()
 
 
@@ -418,7 +420,7 @@ def test_library_errors_name_the_problem(runs, tmp_path):
     bad = tmp_path / "text.csv"
     bad.write_text("unit,cycle\n1,1\n")
     with pytest.raises(DataError, match=r"text\.csv: missing column\(s\) 'setting_1'") as err:
-        predict.predict_files(str(runs["cnn"]), [str(bad)], show_progress=False)
+        inference.predict_files(str(runs["cnn"]), [str(bad)], show_progress=False)
     # Every column the checkpoint reads is named, so one error says how to fix the whole file.
     reads = "unit, cycle, setting_1, setting_2, setting_3, s_2, s_3, s_4, s_7, s_8, s_9, s_11"
     assert f"the checkpoint's model reads {reads}, " in str(err.value)
@@ -426,15 +428,15 @@ def test_library_errors_name_the_problem(runs, tmp_path):
     timed = tmp_path / "timed.csv"
     timed.write_text("unit,time\n1,1\n")
     with pytest.raises(DataError, match=r"missing column\(s\) 'cycle', 'setting_1'"):
-        predict.predict_files(str(runs["cnn"]), [str(timed)], show_progress=False)
+        inference.predict_files(str(runs["cnn"]), [str(timed)], show_progress=False)
     with pytest.raises(ConfigError, match=r"--output: .*unsupported extension"):
-        predict.predict_files(str(runs["cnn"]), [str(bad)], tmp_path / "out.xlsx")
+        inference.predict_files(str(runs["cnn"]), [str(bad)], tmp_path / "out.xlsx")
     with pytest.raises(ConfigError, match="no complete checkpoint"):
-        predict.predict_files(str(tmp_path), [str(bad)])
+        inference.predict_files(str(tmp_path), [str(bad)])
 
 
 def test_quantile_column_names():
-    assert [predict.quantile_column(q) for q in (0.1, 0.9, 0.05, 0.975)] == [
+    assert [inference.quantile_column(q) for q in (0.1, 0.9, 0.05, 0.975)] == [
         "rul_p10",
         "rul_p90",
         "rul_p05",

@@ -36,6 +36,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from pdm_jax.checkpoint.azure_client import container_client, ensure_container
+from pdm_jax.checkpoint.faults import describe_error
 from pdm_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,6 @@ log = logging.getLogger(__name__)
 MARKER = "pdm-commit.json"
 MARKER_VERSION = 1
 TRANSFER_THREADS = 8
-# Seconds to connect, and to wait between bytes, per request.
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
 
 
 class CorruptStepError(ValueError):
@@ -121,7 +120,7 @@ class AzureCheckpointManager:
         self._policy = preservation_policy
         self._client = container_client(container)
         if create:
-            _ensure_container(self._client)
+            ensure_container(self._client)
         self._own_staging = staging_dir is None
         self._staging = staging_dir or tempfile.mkdtemp(prefix="pdm-jax-az-staging-")
         os.makedirs(self._staging, exist_ok=True)
@@ -213,8 +212,6 @@ class AzureCheckpointManager:
         try:
             self._apply_retention()
         except Exception as err:
-            from pdm_jax.checkpoint import describe_error
-
             log.warning(
                 "checkpoint step %d is committed to %s, but removing old steps failed (%s); "
                 "retried after the next save",
@@ -364,69 +361,3 @@ def _inventory(directory: str) -> dict[str, tuple[int, str]]:
             rel = os.path.relpath(path, directory).replace(os.sep, "/")
             files[rel] = (size, sha.hexdigest())
     return files
-
-
-def container_client(container: str) -> Any:
-    """A ContainerClient from the standard Azure variables, with retries bounded to seconds.
-
-    AZURE_STORAGE_CONNECTION_STRING wins; otherwise AZURE_STORAGE_ACCOUNT_NAME (or
-    AZURE_STORAGE_ACCOUNT) with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN, or
-    azure-identity's DefaultAzureCredential when that package is installed.
-    """
-    from azure.storage.blob import BlobServiceClient, LinearRetry
-
-    # The SDK logs every request at INFO; keep that out of training logs unless asked for.
-    http_log = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
-    if http_log.level == logging.NOTSET:
-        http_log.setLevel(logging.WARNING)
-    options: dict[str, Any] = {
-        # About 6 s of retrying (3 x 2 s) instead of the SDK's 17 s, 24 s, 42 s.
-        "retry_policy": LinearRetry(backoff=2, retry_total=3, random_jitter_range=1),
-        "connection_timeout": CONNECT_TIMEOUT_S,
-        "read_timeout": READ_TIMEOUT_S,
-    }
-    connection_string = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-    if connection_string:
-        service = BlobServiceClient.from_connection_string(connection_string, **options)
-        return service.get_container_client(container)
-    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or os.environ.get(
-        "AZURE_STORAGE_ACCOUNT"
-    )
-    if not account:
-        raise ConfigError(
-            "az:// checkpoints need AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME "
-            "with AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or azure-identity installed"
-        )
-    credential: Any
-    if os.environ.get("AZURE_STORAGE_ACCOUNT_KEY"):
-        credential = {
-            "account_name": account,
-            "account_key": os.environ["AZURE_STORAGE_ACCOUNT_KEY"],
-        }
-    elif os.environ.get("AZURE_STORAGE_SAS_TOKEN"):
-        credential = os.environ["AZURE_STORAGE_SAS_TOKEN"]
-    else:
-        try:
-            from azure.identity import DefaultAzureCredential
-        except ImportError:
-            raise ConfigError(
-                f"az:// checkpoints for account {account} need a credential: set "
-                "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or install azure-identity"
-            ) from None
-        credential = DefaultAzureCredential()
-    service = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential, **options)
-    return service.get_container_client(container)
-
-
-def _ensure_container(client: Any) -> None:
-    """Creates the container for a writer; a credential that may not create containers is fine
-    as long as the container exists (the uploads will say so otherwise)."""
-    from azure.core.exceptions import HttpResponseError, ResourceExistsError
-
-    try:
-        client.create_container()
-    except ResourceExistsError:
-        pass
-    except HttpResponseError as err:
-        if err.status_code not in (401, 403):
-            raise

@@ -1,4 +1,5 @@
-"""The run's plots (pdm_jax/report.py) and the p10-p90 coverage in report.json."""
+"""The run's plots (pdm_jax/plots.py, fed by pdm_jax/plotdata.py) and the p10-p90 coverage in
+report.json."""
 
 import json
 import logging
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax import calibration, checkpoint, configuration, metrics, report, train
+from pdm_jax import calibration, checkpoint, configuration, metrics, plotdata, plots, training
 from pdm_jax.errors import ConfigError
+from pdm_jax.models import layers
+from pdm_jax.training import evaluation, state
 from tests.conftest import load_config, tiny_cnn_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,14 +53,14 @@ def write_metrics(workdir) -> None:
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
-def trajectories(band: bool) -> list[report.Trajectory]:
+def trajectories(band: bool) -> list[plots.Trajectory]:
     out = []
     for unit, life in ((3, 80), (7, 150), (11, 200), (20, 60)):
         time = np.arange(1.0, life + 1)
         true = np.minimum(life - time + 10, 125.0)
         pred = true + np.sin(time / 7) * 8
         out.append(
-            report.Trajectory(
+            plots.Trajectory(
                 unit, time, true, pred, pred - 15 if band else None, pred + 15 if band else None
             )
         )
@@ -67,12 +70,12 @@ def trajectories(band: bool) -> list[report.Trajectory]:
 def test_write_plots_from_a_synthetic_report(tmp_path):
     write_metrics(tmp_path)
     rng = np.random.default_rng(1)
-    explanation = report.Explanation(
+    explanation = plots.Explanation(
         tuple(f"s_{i}" for i in range(14)),
         rng.dirichlet(np.ones(14)),
         np.tril(rng.uniform(size=(30, 30))),
     )
-    files = report.write_plots(
+    files = plots.write_plots(
         str(tmp_path), synthetic_report(quantiles=True), trajectories(band=True), explanation
     )
     names = [p.rsplit("/", 1)[-1] for p in files]
@@ -91,8 +94,8 @@ def test_write_plots_from_a_synthetic_report(tmp_path):
 
 def test_point_models_are_plotted_without_a_band(tmp_path):
     # The two plots that draw a band where there is one: without quantiles they still draw.
-    report.plot_pred_vs_true(synthetic_report(quantiles=False), str(tmp_path / "a.png"))
-    report.plot_trajectories(trajectories(band=False), str(tmp_path / "b.png"))
+    plots.plot_pred_vs_true(synthetic_report(quantiles=False), str(tmp_path / "a.png"))
+    plots.plot_trajectories(trajectories(band=False), str(tmp_path / "b.png"))
     assert_real_png(tmp_path / "a.png")
     assert_real_png(tmp_path / "b.png")
 
@@ -101,13 +104,13 @@ def test_point_models_are_plotted_without_a_band(tmp_path):
 def figures(monkeypatch) -> dict:
     """The figures the plots save, by file name, to read what they say."""
     seen: dict = {}
-    save = report._save
+    save = plots._save
 
     def keep(fig, path, **kwargs):
         seen[path.rsplit("/", 1)[-1]] = fig
         save(fig, path, **kwargs)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)
     return seen
 
 
@@ -122,11 +125,11 @@ def _texts(fig) -> str:
 
 
 def test_plots_say_what_they_show(tmp_path, figures):
-    report.plot_pred_vs_true(synthetic_report(quantiles=True), str(tmp_path / "p.png"))
+    plots.plot_pred_vs_true(synthetic_report(quantiles=True), str(tmp_path / "p.png"))
     text = _texts(figures["p.png"])
     assert "late = predicted RUL above the true RUL: the costly side" in text
     assert "early: predicted below the truth" in text and "late: predicted above" in text
-    report.plot_trajectories(trajectories(band=True), str(tmp_path / "t.png"))
+    plots.plot_trajectories(trajectories(band=True), str(tmp_path / "t.png"))
     fig = figures["t.png"]
     assert "chosen to span the range of true RUL at their last cycle" in _texts(fig)
     # One legend for the figure, outside the panels, instead of one inside the first panel.
@@ -145,12 +148,12 @@ def test_attention_colours_are_scaled_to_the_rows_with_a_choice(tmp_path, figure
     t = 30
     visible = np.tril(np.ones((t, t)))
     uniform = visible / visible.sum(axis=1, keepdims=True)
-    shown, vmax = report.attention_view(uniform)
+    shown, vmax = plots.attention_view(uniform)
     assert np.isnan(shown[np.triu_indices(t, 1)]).all()  # later steps: not visible
     assert vmax == pytest.approx(1 / 8)  # the widest weight among rows 7..29 (row 7 sees 8)
     assert shown[0, 0] == 1.0 > vmax
-    explanation = report.Explanation(tuple(f"s_{i}" for i in range(5)), np.ones(5) / 5, uniform)
-    report.plot_tft_explain(explanation, str(tmp_path / "x.png"))
+    explanation = plots.Explanation(tuple(f"s_{i}" for i in range(5)), np.ones(5) / 5, uniform)
+    plots.plot_tft_explain(explanation, str(tmp_path / "x.png"))
     text = _texts(figures["x.png"])
     assert "each row: the prediction made at that cycle" in text
     assert_real_png(tmp_path / "x.png")
@@ -158,20 +161,20 @@ def test_attention_colours_are_scaled_to_the_rows_with_a_choice(tmp_path, figure
 
 def test_cmapss_inputs_are_labelled_with_what_they_measure():
     names = ("s_9", "s_11", "time", "s_9-baseline")
-    assert train.input_labels("cmapss", names) == (
+    assert evaluation.input_labels("cmapss", names) == (
         "s_9 Nc (core speed)",
         "s_11 Ps30 (HPC outlet static pressure)",
         "time (age in cycles)",
         "s_9 Nc (core speed), change since early life",
     )
-    assert train.input_labels("csv", ("s_9", "vib")) == ("s_9", "vib")
+    assert evaluation.input_labels("csv", ("s_9", "vib")) == ("s_9", "vib")
 
 
 def test_write_plots_skips_what_it_has_no_inputs_for(tmp_path):
     # --mode=train or data without test truth: no per-unit errors, no metrics yet.
-    assert report.write_plots(str(tmp_path), {"model": "cnn_bilstm"}) == []
+    assert plots.write_plots(str(tmp_path), {"model": "cnn_bilstm"}) == []
     write_metrics(tmp_path)
-    files = report.write_plots(str(tmp_path), {"model": "cnn_bilstm"})
+    files = plots.write_plots(str(tmp_path), {"model": "cnn_bilstm"})
     assert [p.rsplit("/", 1)[-1] for p in files] == ["curves.png"]
 
 
@@ -190,7 +193,7 @@ def test_a_plot_failure_never_loses_the_run(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no ink")
 
-    monkeypatch.setattr(report, "run_plots", broken)
+    monkeypatch.setattr(plotdata, "run_plots", broken)
     config = load_config("cnn_bilstm")
     prepared = types.SimpleNamespace(
         test=None, val=None, scaler=types.SimpleNamespace(features=("s_2",)), inputs=("s_2",)
@@ -198,12 +201,12 @@ def test_a_plot_failure_never_loses_the_run(tmp_path, monkeypatch, caplog):
     run = types.SimpleNamespace(
         primary=True, config=config, prepared=prepared, graphdef=None, spec=None
     )
-    with caplog.at_level(logging.WARNING, logger="pdm_jax.train"):
-        assert train.write_plots(run, str(tmp_path), {}, params=None) == []
+    with caplog.at_level(logging.WARNING, logger="pdm_jax.training"):
+        assert evaluation.write_plots(run, str(tmp_path), {}, params=None) == []
     assert "plots not written: RuntimeError: no ink" in caplog.text
     config.train.plots = False  # off: nothing is attempted
     caplog.clear()
-    assert train.write_plots(run, str(tmp_path), {}, params=None) == []
+    assert evaluation.write_plots(run, str(tmp_path), {}, params=None) == []
     assert "plots not written" not in caplog.text
 
 
@@ -221,7 +224,7 @@ def tiny_run(cfg, steps: int = 4):
 def test_training_writes_the_plots(tmp_path):
     cfg = tiny_run(tiny_cnn_config())
     cfg.train.select_on = "degrading"
-    result = train.train_and_evaluate(cfg, str(tmp_path))
+    result = training.train_and_evaluate(cfg, str(tmp_path))
     # Selection scored the windows below the cap: the best step is the one where that was lowest.
     evals = [r for r in summaries_rows(tmp_path) if "val_rmse" in r]
     assert all(r["val_rmse_degrading"] != r["val_rmse"] for r in evals)
@@ -250,9 +253,9 @@ def summaries_rows(workdir) -> list[dict]:
 def test_degrading_rmse_leaves_out_windows_at_the_cap():
     true = np.array([125.0, 125.0, 80.0, 20.0])
     val = {"pred": np.array([125.0, 125.0, 90.0, 10.0]), "true": true, "rmse": 7.07}
-    assert train.degrading_rmse(val, 125.0) == pytest.approx(10.0)
-    assert train.degrading_rmse(val, 0.0) == 7.07  # uncapped: every window counts
-    assert train.degrading_rmse({**val, "true": np.full(4, 125.0)}, 125.0) == 7.07
+    assert evaluation.degrading_rmse(val, 125.0) == pytest.approx(10.0)
+    assert evaluation.degrading_rmse(val, 0.0) == 7.07  # uncapped: every window counts
+    assert evaluation.degrading_rmse({**val, "true": np.full(4, 125.0)}, 125.0) == 7.07
     cfg = load_config("cnn_bilstm")
     cfg.train.select_on = "best"
     with pytest.raises(ConfigError, match=r"^config.train.select_on: expected one of"):
@@ -269,10 +272,10 @@ def test_degrading_rmse_leaves_out_windows_at_the_cap():
 def test_calibration_none_leaves_a_point_model_without_a_band():
     cfg = load_config("cnn_bilstm")
     val = {"outputs": np.zeros((300, 1)), "pred": np.zeros(300), "true": np.ones(300)}
-    spec = train.layers.spec_from_config(cfg.model, 14, 30)
-    assert train.fit_calibration(cfg, spec, val, 5).step == 5
+    spec = layers.spec_from_config(cfg.model, 14, 30)
+    assert evaluation.fit_calibration(cfg, spec, val, 5).step == 5
     cfg.train.calibration = "none"
-    assert train.fit_calibration(cfg, spec, val, 5) is None
+    assert evaluation.fit_calibration(cfg, spec, val, 5) is None
     cfg.train.calibration = "isotonic"
     with pytest.raises(ConfigError, match=r"^config.train.calibration: expected one of"):
         configuration.validate(cfg)
@@ -282,10 +285,10 @@ def test_a_checkpoints_band_is_dropped_when_calibration_is_off():
     cfg = load_config("cnn_bilstm")
     cal = calibration.Calibration((0.1, 0.9), (50.0,), (1.0, 2.0), (3.0, 4.0), (10, 20), step=7)
     meta = {"calibration": cal.to_dict()}
-    assert train.saved_calibration(meta, cfg) == cal
-    assert train.saved_calibration({}, cfg) is None  # format 1: none saved
+    assert state.saved_calibration(meta, cfg) == cal
+    assert state.saved_calibration({}, cfg) is None  # format 1: none saved
     cfg.train.calibration = "none"  # resumed or evaluated with it off: no band reported
-    assert train.saved_calibration(meta, cfg) is None
+    assert state.saved_calibration(meta, cfg) is None
 
 
 def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog, figures):
@@ -294,8 +297,8 @@ def test_tft_run_reports_coverage_and_explains_itself(tmp_path, caplog, figures)
     cfg.model.tft.hidden = 8
     cfg.model.tft.heads = 2
     cfg.model.tft.var_hidden = 4
-    with caplog.at_level(logging.INFO, logger="pdm_jax.train"):
-        train.train_and_evaluate(cfg, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="pdm_jax.training"):
+        training.train_and_evaluate(cfg, str(tmp_path))
     explained = figures["tft_explain.png"].axes[0]
     assert "s_9 Nc (core speed)" in [t.get_text() for t in explained.get_yticklabels()]
     saved = json.loads((tmp_path / "report.json").read_text())
