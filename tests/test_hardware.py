@@ -460,7 +460,7 @@ def test_activation_estimate_scales_with_window_width_dtype_and_remat():
     tft = make_config("tft")
     assert estimate(tft, FP32, remat=False) == 1_600_000
     assert estimate(tft, BF16, remat=False) == 960_000
-    assert estimate(tft, FP32, remat=True) == 800_000
+    assert estimate(tft, FP32, remat=True) == 512_000  # measured: 496 MB of 1,552 MB
     assert estimate(make_config("tft", data__window=60), FP32, remat=False) == 3_200_000
     assert estimate(make_config("tft", model__tft__hidden=128), FP32, remat=False) == 3_200_000
     assert estimate(make_config("cnn_bilstm"), FP32, remat=False) == 250_000  # window 50
@@ -468,16 +468,16 @@ def test_activation_estimate_scales_with_window_width_dtype_and_remat():
     wide = make_config("cnn_bilstm", data__window=30, model__cnn_bilstm__channels=(128, 64))
     assert estimate(wide, FP32, remat=False) == 300_000
     lstm = make_config("cnn_bilstm", data__window=30, model__cnn_bilstm__lstm_hidden=256)
-    assert estimate(lstm, BF16, remat=True) == 180_000
+    assert estimate(lstm, BF16, remat=True) == 360_000  # remat saves the CNN-BiLSTM nothing
 
 
 def test_small_gpu_large_batch_turns_on_remat_and_accumulation():
-    # 16 GiB V100 (fp32): budget 8 GiB. TFT at 1.6 MB/sample fits 5368 samples, 10737 with remat.
+    # 16 GiB V100 (fp32): budget 8 GiB. TFT at 1.6 MB/sample fits 5368 samples, 16777 with remat.
     found = detected("laptop", **SMALL_V100)
     layout = hardware.decide(found, make_config("tft", train__batch_size=65536))
     assert layout.dtype == FP32
     assert layout.remat == ("vsn", "lstm", "attention")
-    assert (layout.grad_accum, layout.per_device_batch) == (8, 8192)
+    assert (layout.grad_accum, layout.per_device_batch) == (4, 16384)
     assert layout.sources["remat"] == layout.sources["grad_accum"] == "auto"
     assert any(n.startswith("remat: all blocks") and "instead of 16" in n for n in layout.notes)
 
@@ -496,17 +496,23 @@ def test_auto_remat_only_looks_at_an_explicit_accumulation():
     enough = make_config("tft", train__batch_size=65536, train__grad_accum="32")  # CLI string
     layout = hardware.decide(found, enough)
     assert (layout.remat, layout.grad_accum, layout.per_device_batch) == ((), 32, 2048)
-    short = make_config("tft", train__batch_size=65536, train__grad_accum=4)
+    short = make_config("tft", train__batch_size=65536, train__grad_accum=2)
     layout = hardware.decide(found, short)
     assert layout.remat == ("vsn", "lstm", "attention")
-    assert layout.grad_accum == 4
+    assert layout.grad_accum == 2
     assert any(n.startswith("per_device_batch:") and "may not fit" in n for n in layout.notes)
 
 
-def test_cnn_remat_when_it_avoids_accumulation():
+def test_cnn_never_pays_for_remat_that_saves_it_nothing():
+    """Measured: remat leaves the CNN-BiLSTM's peak where it is (inside its custom-VJP scan), so
+    a batch too large for the device is accumulated instead."""
     found = detected("laptop", **SMALL_V100)
     layout = hardware.decide(found, make_config("cnn_bilstm", train__batch_size=65536))
-    assert (layout.remat, layout.grad_accum) == (("conv", "lstm"), 1)
+    assert (layout.remat, layout.grad_accum) == ((), 2)
+    assert "remat: none, it saves this model no memory (measured)" in layout.notes
+    tiny = {"devices": devices("NVIDIA A100-SXM4-40GB", cc="8.0", memory_gib=1 / 4096)}
+    layout = hardware.decide(detected("laptop", **tiny), make_config("cnn_bilstm"))
+    assert layout.remat == ()
 
 
 def test_nothing_fits_accumulates_everything_and_says_so():

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pdm_jax.errors import ConfigError
+from pdm_jax.models import grn as grn_lib
 from pdm_jax.models import layers
-from pdm_jax.models.layers import Inputs, ModelSpec, Outputs, dropout, glorot, layer_norm, zeros
+from pdm_jax.models.layers import Inputs, ModelSpec, Outputs, dropout, glorot, zeros
 
 REMAT_BLOCKS = ("vsn", "lstm", "attention")
 
@@ -85,47 +86,6 @@ def _stacked_grn_params(rngs: nnx.Rngs, n: int, d_in: int, d_hidden: int, d_out:
     """n independent GRNs with their parameters stacked on a leading axis."""
     one = [arrays(_grn_params(rngs, d_in, d_hidden, d_out)) for _ in range(n)]
     return Params(**{k: nnx.Param(jnp.stack([g[k] for g in one])) for k in one[0]})
-
-
-def _glu(z: jax.Array) -> jax.Array:
-    half = z.shape[-1] // 2
-    return z[..., :half] * layers.sigmoid(z[..., half:])
-
-
-def grn(
-    p: dict[str, jax.Array],
-    a: jax.Array,
-    context: jax.Array | None = None,
-    key: jax.Array | None = None,
-    rate: float = 0.0,
-) -> jax.Array:
-    """Gated residual network: LN(skip(a) + GLU(W2 · dropout(ELU(W1 a + Wc c + b1)) + b2)).
-
-    W2 and the GLU's linear map are folded into one matmul (no nonlinearity or dropout between).
-    """
-    h = a @ p["w1"] + p["b1"]
-    if context is not None:
-        h = h + context @ p["wc"]
-    h = dropout(jax.nn.elu(h), rate, key)
-    wz = p["w2"] @ p["wg"]
-    bz = p["b2"] @ p["wg"] + p["bg"]
-    residual = a @ p["ws"] + p["bs"] if "ws" in p else a
-    return layer_norm(residual + _glu(h @ wz + bz), p["ln_s"], p["ln_b"])
-
-
-def gate_add_norm(
-    p: dict[str, jax.Array],
-    x: jax.Array,
-    residual: jax.Array,
-    w_pre: jax.Array | None = None,
-    b_pre: jax.Array | None = None,
-) -> jax.Array:
-    """LN(residual + GLU(x)); an optional linear map before the GLU is folded into it."""
-    wg, bg = p["wg"], p["bg"]
-    if w_pre is not None:
-        bg = b_pre @ wg + bg
-        wg = w_pre @ wg
-    return layer_norm(residual + _glu(x @ wg + bg), p["ln_s"], p["ln_b"])
 
 
 def _gan_params(rngs: nnx.Rngs, d: int) -> Params:
@@ -211,42 +171,6 @@ class TFT(nnx.Module):
 
     # --- blocks: pure functions of (params, arrays) so they can be rematerialised ---------
 
-    def _vsn(self, p, pf, x, ctx_s, key):
-        """x [B, T, V] -> (selected [B, T, D], weights [B, T, V])."""
-        b, t, v = x.shape
-        rate = self.spec.dropout
-        k1, k2 = layers.split_key(key, 2)
-        xt = x.reshape(b * t, v)  # [N, V]
-        xv = xt.T  # [V, N]
-        # Per-variable GRN with the scalar embedding folded into its first layer.
-        a = jnp.einsum("vi,vih->vh", p["emb_w"], p["w1"])
-        c = jnp.einsum("vi,vih->vh", p["emb_b"], p["w1"]) + p["b1"]
-        h = jax.nn.elu(xv[..., None] * a[:, None, :] + c[:, None, :])  # [V, N, DVh]
-        h = dropout(h, rate, k1)
-        m = jnp.einsum("vhd,vde->vhe", p["w2"], p["wg"])
-        bz = jnp.einsum("vd,vde->ve", p["b2"], p["wg"]) + p["bg"]
-        glu = _glu(jnp.einsum("vnh,vhe->vne", h, m) + bz[:, None, :])  # [V, N, D]
-        we = jnp.einsum("vi,vid->vd", p["emb_w"], p["ws"])
-        be = jnp.einsum("vi,vid->vd", p["emb_b"], p["ws"]) + p["bs"]
-        skip = xv[..., None] * we[:, None, :] + be[:, None, :]
-        hv = layer_norm(skip + glu, p["ln_s"][:, None, :], p["ln_b"][:, None, :])
-        # Flat GRN over all embedded variables -> selection weights; the embedding is folded.
-        dv = p["emb_w"].shape[1]
-        w1 = pf["w1"].reshape(v, dv, -1)
-        flat = {**pf}
-        flat_in_w = jnp.einsum("vi,vih->vh", p["emb_w"], w1)
-        flat_in_b = jnp.einsum("vi,vih->h", p["emb_b"], w1)
-        ws = pf["ws"].reshape(v, dv, -1)
-        flat["w1"] = flat_in_w
-        flat["b1"] = pf["b1"] + flat_in_b
-        flat["ws"] = jnp.einsum("vi,vio->vo", p["emb_w"], ws)
-        flat["bs"] = pf["bs"] + jnp.einsum("vi,vio->o", p["emb_b"], ws)
-        ctx = None if ctx_s is None else jnp.repeat(ctx_s, t, axis=0)
-        logits = grn(flat, xt, ctx, k2, rate)  # [N, V]
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        selected = jnp.einsum("nv,vnd->nd", weights, hv)
-        return selected.reshape(b, t, -1), weights.reshape(b, t, v)
-
     def _lstm(self, p, x, mask, h0, c0):
         """Left-padded sequence -> hidden states; padded steps keep the initial state."""
         d = x.shape[-1]
@@ -282,7 +206,7 @@ class TFT(nnx.Module):
         pa = params.attention
         k1, k2, k3 = layers.split_key(key, 3)
         ctx = None if enrich_ctx is None else enrich_ctx[:, None, :]
-        enriched = grn(params.enrich, temporal, ctx, k1, rate)  # [B, T, D]
+        enriched = grn_lib.grn(params.enrich, temporal, ctx, k1, rate)  # [B, T, D]
         q_in = enriched[:, t - queries :]
         q = jnp.einsum("bqd,hdk->bhqk", q_in, pa["wq"])
         k = jnp.einsum("btd,hdk->bhtk", enriched, pa["wk"])
@@ -296,9 +220,9 @@ class TFT(nnx.Module):
         attn = jnp.where(visible, attn, 0.0)  # a fully padded query row attends to nothing
         heads = jnp.einsum("bhqt,btk->bhqk", attn.astype(v.dtype), v).mean(axis=1)  # [B, Q, dk]
         heads = dropout(heads, rate, k2)
-        post = gate_add_norm(params.attention_gate, heads, q_in, pa["wo"], pa["bo"])
-        out = grn(params.positionwise, post, None, k3, rate)
-        return gate_add_norm(params.output_gate, out, temporal[:, t - queries :]), attn
+        post = grn_lib.gate_add_norm(params.attention_gate, heads, q_in, pa["wo"], pa["bo"])
+        out = grn_lib.grn(params.positionwise, post, None, k3, rate)
+        return grn_lib.gate_add_norm(params.output_gate, out, temporal[:, t - queries :]), attn
 
     def _static(self, static: jax.Array, key):
         """Static selection -> (weights [B, S], contexts c_s, c_e, c_h, c_c each [B, D])."""
@@ -308,13 +232,13 @@ class TFT(nnx.Module):
             [table[...][static[:, i]] for i, table in enumerate(self.static_emb)]
         ).astype(self.spec.compute_dtype)  # [S, B, D]
         pv = layers.cast(arrays(self.static_vars), self.spec.compute_dtype)
-        per_var = jax.vmap(lambda p, e: grn(p, e, None, k1, rate))(pv, emb)  # [S, B, D]
+        per_var = jax.vmap(lambda p, e: grn_lib.grn(p, e, None, k1, rate))(pv, emb)  # [S, B, D]
         pf = layers.cast(arrays(self.static_flat), self.spec.compute_dtype)
         flat = jnp.swapaxes(emb, 0, 1).reshape(static.shape[0], -1)
-        weights = jax.nn.softmax(grn(pf, flat, None, k2, rate).astype(jnp.float32), axis=-1)
+        weights = jax.nn.softmax(grn_lib.grn(pf, flat, None, k2, rate).astype(jnp.float32), axis=-1)
         vec = jnp.einsum("bs,sbd->bd", weights.astype(emb.dtype), per_var)
         pc = layers.cast(arrays(self.static_ctx), self.spec.compute_dtype)
-        contexts = jax.vmap(lambda p: grn(p, vec, None, k3, rate))(pc)  # [4, B, D]
+        contexts = jax.vmap(lambda p: grn_lib.grn(p, vec, None, k3, rate))(pc)  # [4, B, D]
         return weights, contexts
 
     def __call__(
@@ -337,12 +261,15 @@ class TFT(nnx.Module):
             out["static_weights"] = static_w
         cast = lambda m: layers.cast(arrays(m), dtype)
 
-        vsn = layers.maybe_remat(self._vsn, spec, "vsn")
-        selected, var_w = vsn(cast(self.vsn), cast(self.vsn_flat), x, ctx_s, k_vsn)
+        vsn_params = (cast(self.vsn), cast(self.vsn_flat), x, ctx_s, k_vsn, spec.dropout)
+        if "vsn" in spec.remat:
+            selected, var_w = grn_lib.select_by_variable(*vsn_params, spec.remat_policy)
+        else:
+            selected, var_w = grn_lib.select(*vsn_params)
         lstm = layers.maybe_remat(self._lstm, spec, "lstm")
         hs = lstm(cast(self.lstm), selected, mask, h0, c0)
         hs = dropout(hs, spec.dropout, k_lstm)
-        temporal = gate_add_norm(cast(self.lstm_gate), hs, selected)
+        temporal = grn_lib.gate_add_norm(cast(self.lstm_gate), hs, selected)
         queries = t if details else 1
         attention = layers.maybe_remat(
             functools.partial(self._attention, queries=queries), spec, "attention"

@@ -11,7 +11,7 @@ from flax import nnx
 
 from pdm_jax import models
 from pdm_jax.errors import ConfigError
-from pdm_jax.models import layers, tft
+from pdm_jax.models import grn, layers, tft
 from tests.conftest import load_config
 
 B, T, F = 8, 12, 5
@@ -169,7 +169,8 @@ def test_folded_variable_selection_equals_the_unfolded_network():
     spec = _spec()
     model = tft.TFT(spec, rngs=nnx.Rngs(params=3))
     x = _inputs()["x"]
-    selected, weights = model._vsn(tft.arrays(model.vsn), tft.arrays(model.vsn_flat), x, None, None)
+    pv, pf = tft.arrays(model.vsn), tft.arrays(model.vsn_flat)
+    selected, weights = grn.select(pv, pf, x, None, None, 0.0)
     p = tft.arrays(model.vsn)
     emb = x[..., None] * p["emb_w"] + p["emb_b"]  # [B, T, V, DV]: scalar embeddings
 
@@ -187,7 +188,20 @@ def test_folded_variable_selection_equals_the_unfolded_network():
     # And the folded GRN on its own.
     pg = tft.arrays(model.positionwise)
     a = jax.random.normal(jax.random.key(0), (4, 16))
-    np.testing.assert_allclose(tft.grn(pg, a), _reference_grn(pg, a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grn.grn(pg, a), _reference_grn(pg, a), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_one_variable_at_a_time_is_the_whole_selection():
+    """What `model.remat=('vsn',)` runs (a rematerialised scan over variables) gives the one-einsum
+    selection's outputs, dropout masks included."""
+    model = tft.TFT(_spec(), rngs=nnx.Rngs(params=3))
+    x = _inputs()["x"]
+    pv, pf = tft.arrays(model.vsn), tft.arrays(model.vsn_flat)
+    for key in (None, jax.random.key(5)):
+        whole = grn.select(pv, pf, x, None, key, 0.3)
+        scanned = grn.select_by_variable(pv, pf, x, None, key, 0.3, "nothing_saveable")
+        for a, b in zip(whole, scanned, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @functools.cache
