@@ -92,8 +92,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("PDM_DATA_DIR", raising=False)
 
 
-def load_config(name: str = "tft"):
-    """A config from configs/<name>.py, exactly as --config=configs/<name>.py loads it."""
+def load_config(name: str = "common"):
+    """A config from configs/<name>.py, exactly as --config=configs/<name>.py loads it. The
+    default is the shared defaults (a TFT with the plain C-MAPSS protocol: 14 sensors, windows
+    of 30, no extra inputs), the base the data and loop tests build on."""
     from pdm_jax.configuration import load_config as load
 
     return load(name)

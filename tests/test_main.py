@@ -31,7 +31,9 @@ def test_main_runs_the_data_path_on_embedded_fd001(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["name"] == "tft" and config["data"]["subset"] == "FD001"
     scaler = json.loads((tmp_path / "scaler.json").read_text())
-    assert len(scaler["features"]) == 14
+    assert len(scaler["features"]) == 15 and scaler["features"][-1] == "time"  # 14 sensors, age
+    # The main job's TFT also reads each sensor's change since the unit's first 40 cycles.
+    assert config["data"]["baseline_cycles"] == 40 and config["data"]["use_time"]
 
 
 def test_bad_config_value_is_one_line_exit_2(tmp_path):

@@ -173,7 +173,7 @@ from pdm_jax.models import layers
 from pdm_jax.training import steps
 from tests.conftest import load_config
 
-cfg = load_config("tft")
+cfg = load_config("common")  # the plain TFT: 14 sensor inputs
 cfg.model.tft.hidden, cfg.model.tft.heads, cfg.model.tft.var_hidden = 8, 2, 4
 prepared = dataset.prepare(cfg.data, cfg.seed)
 batch = steps.host_arrays(prepared.val.gather(np.arange(128)))
