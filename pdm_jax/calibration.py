@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pdm_jax import metrics
+from pdm_jax.models.layers import point_index
 
 METHODS = ("conformal", "none")
 # Bins of predicted RUL: at most MAX_BINS, each fitted on at least MIN_PER_BIN windows (a 10 %
@@ -124,13 +125,6 @@ def raw_bounds(
         return point, point
     outputs = np.asarray(outputs, np.float64)
     return np.minimum(outputs[:, columns[0]], point), np.maximum(outputs[:, columns[1]], point)
-
-
-def point_index(quantiles: Sequence[float]) -> int | None:
-    """The output the point prediction reads: the quantile nearest 0.5 (None: a point model)."""
-    if not quantiles:
-        return None
-    return min(range(len(quantiles)), key=lambda i: abs(float(quantiles[i]) - 0.5))
 
 
 def quantile_table(

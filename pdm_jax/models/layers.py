@@ -277,9 +277,14 @@ def loss(
     return mse_loss(pred, y, weight)
 
 
+def point_index(quantiles: Sequence[float]) -> int | None:
+    """The output the point prediction reads: the quantile nearest 0.5 (None: a point model)."""
+    if not quantiles:
+        return None
+    return min(range(len(quantiles)), key=lambda i: abs(float(quantiles[i]) - 0.5))
+
+
 def point_prediction(pred: jax.Array, quantiles: Sequence[float]) -> jax.Array:
     """The RUL estimate: the median quantile (or the one nearest 0.5), else the point output."""
-    if not quantiles:
-        return pred[:, 0].astype(jnp.float32)
-    idx = min(range(len(quantiles)), key=lambda i: abs(quantiles[i] - 0.5))
-    return pred[:, idx].astype(jnp.float32)
+    idx = point_index(quantiles)
+    return pred[:, 0 if idx is None else idx].astype(jnp.float32)
