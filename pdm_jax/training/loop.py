@@ -140,8 +140,12 @@ def _validate(loop: Loop, now: Progressing, step: int) -> dict[str, Any]:
     config, current = run.config, eval_params(now.params, now.opt_state)
     if run.prepared.val is None:
         # No validation units: the latest parameters are the best, with no band to fit.
-        now.best = {"rmse": float("nan"), "step": step, "params": state.snapshot(current)}
-        now.best["calibration"] = None
+        now.best = {
+            "rmse": float("nan"),
+            "step": step,
+            "params": state.snapshot(current),
+            "calibration": None,
+        }
         return {}
     chunk = int(run.layout.infer_microbatch)
     val = evaluation.evaluate(loop.predict, current, run.prepared.val, run.mesh, chunk)
