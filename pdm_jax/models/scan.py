@@ -5,8 +5,9 @@ every layer through it, and it depends on nothing but JAX, so the TFT's encoder 
 
 Layout and masking: inputs are time-major and already projected (xp = x @ Wih for every step, one
 2-D matmul outside the scan), the bias is added inside the step (which saves a pass over
-[T, B, 4H]), and the state starts at zero and is carried unchanged through steps whose mask is
-False (carry = where(mask_t, new, old)), so left padding never reaches the state.
+[T, B, 4H]), and the state starts at zero (or at the given initial state, as the TFT's static
+context gives it) and is carried unchanged through steps whose mask is False (carry =
+where(mask_t, new, old)), so left padding never reaches the state.
 
 Speed (XLA on CPU; measured facts in shared/docs/cnn-bilstm-probe.md): the scan (no unroll) does
 only h @ Whh and the gates, the gates as ONE tanh over all 4H columns (sigmoid(z) =
@@ -76,17 +77,17 @@ def lstm_scan_reference(
     mask: jax.Array,
     reverse: bool,
     return_sequences: bool,
+    h0: jax.Array | None = None,
+    c0: jax.Array | None = None,
 ) -> jax.Array:
     """The masked recurrence as a plain `lax.scan` (autodiff's gradients; the custom VJP's primal).
 
     xp [T, B, 4H] = x @ Wih for every step, whh [H, 4H], bias [4H] (added inside the step, which
-    saves a pass over xp), mask [T, B] bool; the state starts at zero and is carried unchanged
-    through steps where mask is False. Returns every step's h [T, B, H] (return_sequences) or only
-    the final one [B, H] (after step T-1, or step 0 if reverse).
+    saves a pass over xp), mask [T, B] bool; the state starts at (h0, c0) [B, H] (zeros if None)
+    and is carried unchanged through steps where mask is False. Returns every step's h [T, B, H]
+    (return_sequences) or only the final one [B, H] (after step T-1, or step 0 if reverse).
     """
-    _, b, g4 = xp.shape
-    h0 = jnp.zeros((b, g4 // 4), xp.dtype)
-    c0 = jnp.zeros((b, g4 // 4), jnp.float32)
+    h0, c0 = _initial(xp, h0, c0)
     bias = bias.astype(jnp.float32)
 
     def body(carry, inp):
@@ -98,6 +99,16 @@ def lstm_scan_reference(
     return hs if return_sequences else h
 
 
+def _initial(
+    xp: jax.Array, h0: jax.Array | None, c0: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """(h0 in xp's dtype, c0 in fp32), zeros where not given."""
+    _, b, g4 = xp.shape
+    h0 = jnp.zeros((b, g4 // 4), xp.dtype) if h0 is None else h0.astype(xp.dtype)
+    c0 = jnp.zeros((b, g4 // 4), jnp.float32) if c0 is None else c0.astype(jnp.float32)
+    return h0, c0
+
+
 @functools.cache
 def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.Array]:
     """`lstm_scan_reference` with a hand-written VJP (same outputs, cheaper backward).
@@ -105,17 +116,16 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
     The forward scan saves h_prev, c_prev and the activated gates per step. The backward is one
     reverse scan whose only per-step output is the pre-activation gradient dz [B, 4H] and whose
     carry is (dh, dc) with dh = dz @ Whh^T; then dWhh = sum_t h_prev^T dz_t is one matmul over all
-    steps, dbias = sum dz, and dxp = dz (flowing on to Wih and the conv by autodiff).
+    steps, dbias = sum dz, and dxp = dz (flowing on to Wih and the conv by autodiff); the
+    backward's final carry is the initial state's gradient.
     """
 
     @jax.custom_vjp
-    def scan(xp, whh, bias, mask):
-        return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences)
+    def scan(xp, whh, bias, mask, h0, c0):
+        return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences, h0, c0)
 
-    def fwd(xp, whh, bias, mask):
-        _, b, g4 = xp.shape
-        h0 = jnp.zeros((b, g4 // 4), xp.dtype)
-        c0 = jnp.zeros((b, g4 // 4), jnp.float32)
+    def fwd(xp, whh, bias, mask, h0, c0):
+        h0, c0 = _initial(xp, h0, c0)
         b32 = bias.astype(jnp.float32)
 
         def body(carry, inp):
@@ -125,10 +135,10 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
 
         (h, _), (hs, res) = lax.scan(body, (h0, c0), (xp, mask), reverse=reverse)
         out = hs if return_sequences else h
-        return out, (res, mask, whh, bias)
+        return out, (res, mask, whh, bias, h0)
 
     def bwd(saved, g):
-        (h_prev, c_prev, acts), mask, whh, bias = saved
+        (h_prev, c_prev, acts), mask, whh, bias, h0 = saved
         t, b, hdim = h_prev.shape
         whh_t = whh.T
 
@@ -167,7 +177,7 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
             dh0 = g.astype(jnp.float32)
             xs = (mask, c_prev, acts)
         dc0 = jnp.zeros((b, hdim), jnp.float32)
-        _, dz = lax.scan(body, (dh0, dc0), xs, reverse=not reverse)
+        (dh_init, dc_init), dz = lax.scan(body, (dh0, dc0), xs, reverse=not reverse)
         dz2 = dz.reshape(t * b, -1)
         dwhh = jnp.dot(  # one [H, T*B] @ [T*B, 4H] matmul over all steps
             h_prev.reshape(t * b, hdim).T,
@@ -175,7 +185,14 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
             preferred_element_type=jnp.float32,
         )
         dbias = dz2.sum(0)
-        return dz.astype(h_prev.dtype), dwhh.astype(whh.dtype), dbias.astype(bias.dtype), None
+        return (
+            dz.astype(h_prev.dtype),
+            dwhh.astype(whh.dtype),
+            dbias.astype(bias.dtype),
+            None,
+            dh_init.astype(h0.dtype),
+            dc_init,
+        )
 
     scan.defvjp(fwd, bwd)
     return scan
@@ -190,11 +207,17 @@ def lstm_scan(
     reverse: bool = False,
     return_sequences: bool = True,
     custom_vjp: bool = True,
+    initial: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """The masked LSTM recurrence (see `lstm_scan_reference`), by default with the custom VJP."""
+    """The masked LSTM recurrence (see `lstm_scan_reference`), by default with the custom VJP.
+
+    `initial` is the state (h0, c0) [B, H] the recurrence starts from (zeros if None).
+    """
+    h0, c0 = initial if initial is not None else (None, None)
     if custom_vjp:
-        return _lstm_scan_vjp(reverse, return_sequences)(xp, whh, bias, mask)
-    return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences)
+        h0, c0 = _initial(xp, h0, c0)
+        return _lstm_scan_vjp(reverse, return_sequences)(xp, whh, bias, mask, h0, c0)
+    return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences, h0, c0)
 
 
 def first_step(z: jax.Array) -> jax.Array:

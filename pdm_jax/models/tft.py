@@ -33,6 +33,7 @@ from pdm_jax.errors import ConfigError
 from pdm_jax.models import grn as grn_lib
 from pdm_jax.models import layers
 from pdm_jax.models.layers import Inputs, ModelSpec, Outputs, dropout, glorot, zeros
+from pdm_jax.models.scan import lstm_scan
 
 REMAT_BLOCKS = ("vsn", "lstm", "attention")
 
@@ -172,27 +173,13 @@ class TFT(nnx.Module):
     # --- blocks: pure functions of (params, arrays) so they can be rematerialised ---------
 
     def _lstm(self, p, x, mask, h0, c0):
-        """Left-padded sequence -> hidden states; padded steps keep the initial state."""
-        d = x.shape[-1]
-        xp = jnp.swapaxes(x @ p["wih"] + p["b"], 0, 1)  # [T, B, 4D], hoisted input projection
-        mask_t = jnp.swapaxes(mask, 0, 1)[..., None]
-        whh = p["whh"]
+        """Left-padded sequence -> hidden states; padded steps keep the initial state.
 
-        def step(carry, inp):
-            h, c = carry
-            gates_x, m = inp
-            gates = gates_x + h @ whh
-            i = layers.sigmoid(gates[:, :d])
-            f = layers.sigmoid(gates[:, d : 2 * d])
-            g = jnp.tanh(gates[:, 2 * d : 3 * d])
-            o = layers.sigmoid(gates[:, 3 * d :])
-            c_new = f * c + i * g
-            h_new = o * jnp.tanh(c_new)
-            h_new = jnp.where(m, h_new, h)
-            c_new = jnp.where(m, c_new, c)
-            return (h_new, c_new), h_new
-
-        _, hs = jax.lax.scan(step, (h0, c0), (xp, mask_t))
+        The recurrence is the CNN-BiLSTM's kernel (`models/scan.py`: hand-written VJP, one tanh
+        over all gates), started at the static context's (h0, c0).
+        """
+        xp = jnp.swapaxes(x @ p["wih"], 0, 1)  # [T, B, 4D], hoisted input projection
+        hs = lstm_scan(xp, p["whh"], p["b"], jnp.swapaxes(mask, 0, 1), initial=(h0, c0))
         return jnp.swapaxes(hs, 0, 1)
 
     def _attention(self, params: AttentionParams, temporal, mask, enrich_ctx, key, *, queries):
