@@ -1,7 +1,8 @@
 """The masked LSTM recurrence as a numerical kernel: a `lax.scan` with a hand-written VJP.
 
 A module of its own because it is a kernel, not a model: the CNN-BiLSTM runs every direction of
-every layer through it, and it depends on nothing but JAX, so the TFT's encoder can adopt it.
+every layer through it, the TFT its encoder (from the static context's state), and it depends
+on nothing but JAX.
 
 Layout and masking: inputs are time-major and already projected (xp = x @ Wih for every step, one
 2-D matmul outside the scan), the bias is added inside the step (which saves a pass over
