@@ -2,10 +2,12 @@
 validation RMSE (seeds 0-2 once a variant earns them; the test columns are printed beside but
 never chose anything).
 
-Every variant is written as overrides of the current `configs/tft.py`, so each row reruns with
-one command (`scripts/experiments.py --plan=experiments/search_tft.py --only=ROW_ID`).
+Every variant is written as overrides of `configs/common.py` (the TFT with the shared defaults),
+so each row reruns with one command (`scripts/experiments.py --plan=experiments/search_tft.py
+--only=ROW_ID`). The rows recorded before `configs/tft.py` took the search's choice name
+`configs/tft.py`, which was then exactly what `configs/common.py` is.
 
-- `default`: `configs/tft.py` as it is (quantile head on raw cycles, window 30).
+- `default`: `configs/common.py` as it is (quantile head on raw cycles, window 30).
 - `s25`: the head's outputs scaled by 25 and offset by 60 cycles, as the CNN-BiLSTM's: the head
   then learns targets of order 1 instead of climbing to ~60-125 cycles from 0.
 - `s25t`: and the unit's age (`data.use_time`) as an input.
@@ -37,7 +39,7 @@ SEEDS = (0, 1, 2)
 def row(variant: str, subset: str, seed: int) -> dict[str, Any]:
     return {
         "id": f"{variant}-{subset}-s{seed}",
-        "config": f"configs/{MODEL}.py",
+        "config": "configs/common.py",
         "overrides": {**VARIANTS[variant], "data.subset": subset, "seed": seed},
         "group": f"{variant} {subset}",
         "model": MODEL,

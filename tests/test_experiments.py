@@ -293,3 +293,43 @@ def test_recorded_commands_name_no_machine():
     )
     inside = "python -m pdm_jax.main --config=configs/tft.py --data_dir=data/mine"
     assert experiments.portable_command(inside) == inside
+
+
+def test_every_plan_has_unique_ids_and_existing_configs():
+    plans = [p for p in sorted((REPO / "experiments").glob("*.py")) if "get_plan" in p.read_text()]
+    assert len(plans) >= 5
+    for path in plans:
+        plan = experiments.load_plan(path)
+        ids = [row["id"] for row in plan]
+        assert len(ids) == len(set(ids)), path.name
+        assert all((REPO / row["config"]).is_file() for row in plan), path.name
+
+
+def test_validation_cut_like_the_test_units():
+    """Each held-out unit is cut after every test length it outlives, one window per cut."""
+    import numpy as np
+
+    from pdm_jax.data.pipeline import Windows, window_ends
+
+    windows_mod = load_module(REPO / "experiments" / "validation_windows.py")
+    lives = np.array([40, 60])
+    starts = np.concatenate([[0], np.cumsum(lives)[:-1]])
+    stops = starts + lives
+    row_start = np.repeat(starts, lives)
+    observed = np.arange(lives.sum()) - row_start + 1
+    val = Windows(
+        features=np.zeros((lives.sum(), 1), np.float32),
+        targets=(np.repeat(stops, lives) - np.arange(lives.sum()) - 1).astype(np.float32),
+        row_start=row_start,
+        row_unit=np.repeat([1, 2], lives).astype(np.int32),
+        row_dataset=np.zeros(lives.sum(), np.int32),
+        row_time=observed.astype(np.float64),
+        ends=window_ends(starts, stops, 30, 1, "train"),
+        window=30,
+    )
+    picks = windows_mod.test_cut(val, np.array([35, 50, 55, 70, 20]))
+    ends = val.ends[picks]
+    # 20 cycles has no full window; 70 outlives both units; 50 and 55 only the second.
+    assert observed[ends].tolist() == [35, 35, 50, 55]
+    assert val.row_start[ends].tolist() == [0, 40, 40, 40]
+    assert val.targets[ends].tolist() == [5, 25, 10, 5]
