@@ -21,14 +21,10 @@ from pdm_jax.configuration import load_config
 from pdm_jax.errors import ConfigError
 from pdm_jax.hardware import DMI_DIR, GiB, Snapshot
 from pdm_jax.hardware import snapshot as snapshot_module
+from pdm_jax.hardware.targets import GCE_DMI, HOME, TARGETS, devices
 
 # --- recorded environments --------------------------------------------------------------------
 
-GCE_DMI = {
-    f"{DMI_DIR}/product_name": "Google Compute Engine",
-    f"{DMI_DIR}/sys_vendor": "Google",
-    f"{DMI_DIR}/bios_vendor": "Google",
-}
 AZURE_DMI = {
     f"{DMI_DIR}/sys_vendor": "Microsoft Corporation",
     f"{DMI_DIR}/product_name": "Virtual Machine",
@@ -40,31 +36,6 @@ EC2_DMI = {
     f"{DMI_DIR}/product_name": "g5.xlarge",
     f"{DMI_DIR}/bios_vendor": "Amazon EC2",
 }
-HOME = {"HOME": "/home/user"}
-
-
-def devices(
-    kind: str,
-    count: int = 1,
-    *,
-    backend: str = "gpu",
-    cc: str | None = None,
-    memory_gib: float | None = None,
-    processes: int = 1,
-) -> list[dict[str, Any]]:
-    """`count` devices split evenly over `processes`, as process 0's gather() records them."""
-    per_process = count // processes
-    return [
-        {
-            "platform": backend,
-            "device_kind": kind,
-            "compute_capability": cc,
-            # memory_stats() is only readable for this process's devices
-            "memory_bytes": int(memory_gib * GiB) if memory_gib and i < per_process else None,
-            "process_index": i // per_process,
-        }
-        for i in range(count)
-    ]
 
 
 CPU = devices("cpu", backend="cpu")
@@ -143,13 +114,11 @@ FIXTURES: dict[str, dict[str, Any]] = {
         "host_memory_bytes": 188 * GiB,
         "cpu_count": 224,
     },
-    "gce_h100x8": {
-        "env": HOME,
-        "files": GCE_DMI,
-        "devices": devices("NVIDIA H100 80GB HBM3", 8, **H100),
-        "host_memory_bytes": 1844 * GiB,
-        "cpu_count": 208,
-    },
+    # The machines scripts/lower.py lowers for (pdm_jax/hardware/targets.py).
+    "gce_h100x8": TARGETS["h100x8"].fixture,
+    "gce_a100_80": TARGETS["a100"].fixture,
+    "gce_tpu_v5e8": TARGETS["tpu_v5e_8"].fixture,
+    "gce_tpu_v4_32": TARGETS["tpu_v4_32"].fixture,
     "gce_tpu_v4_16": {  # 2 hosts x 4 chips; this is host 0's view
         "env": HOME | {"TPU_ACCELERATOR_TYPE": "v4-16", "TPU_WORKER_HOSTNAMES": "t0,t1"},
         "files": GCE_DMI,
@@ -271,6 +240,9 @@ EXPECTED_PLATFORM = {
     "kaggle_t4x2": ("kaggle", "kaggle-gpu", None, "gpu", "T4", 2, 2),
     "kaggle_tpu_v5e8": ("kaggle", "kaggle-tpu", None, "tpu", "TPU v5e", 8, 8),
     "gce_h100x8": ("gce", "gce", None, "gpu", "H100", 8, 8),
+    "gce_a100_80": ("gce", "gce", None, "gpu", "A100", 1, 1),
+    "gce_tpu_v5e8": ("gce", "gce", None, "tpu", "TPU v5e", 8, 8),
+    "gce_tpu_v4_32": ("gce", "gce", None, "tpu", "TPU v4", 16, 4),
     "gce_tpu_v4_16": ("gce", "gce", None, "tpu", "TPU v4", 8, 4),
     "gke_a100": ("gce", "gke", None, "gpu", "A100", 1, 1),
     "vertex_a100": ("vertex", "vertex-training", None, "gpu", "A100", 2, 2),
@@ -299,6 +271,9 @@ EXPECTED_LAYOUT = {
     "kaggle_t4x2": ((2, 1), FP32, 1, 128, (), True, 1),
     "kaggle_tpu_v5e8": ((8, 1), BF16, 1, 32, (), True, 4),
     "gce_h100x8": ((8, 1), BF16, 1, 32, (), True, 4),
+    "gce_a100_80": ((1, 1), BF16, 1, 256, (), True, 4),
+    "gce_tpu_v5e8": ((8, 1), BF16, 1, 32, (), True, 4),
+    "gce_tpu_v4_32": ((16, 1), BF16, 1, 16, (), True, 4),
     "gce_tpu_v4_16": ((8, 1), BF16, 1, 32, (), True, 4),
     "gke_a100": ((1, 1), BF16, 1, 256, (), True, 4),
     "vertex_a100": ((2, 1), BF16, 1, 128, (), True, 4),

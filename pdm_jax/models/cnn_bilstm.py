@@ -105,12 +105,14 @@ def conv_block(
 def _project(seq: jax.Array, w: jax.Array) -> jax.Array:
     """x @ Wih for every step at once: [T, B, C] -> [T, B, 4H] (the bias is added in the scan).
 
-    One 2-D matmul on the time-major rows: XLA:CPU runs an einsum that has to write a transposed
-    output ('btc,cg->tbg') about 3x slower than this.
+    One matmul on the time-major rows, written over both leading axes rather than as a reshape
+    to [T*B, C]: merging T with B hides the batch axis from the sharding partitioner, which then
+    gathered the whole global batch onto every device (found by lowering for 8 GPUs,
+    scripts/lower.py). XLA:CPU runs it as fast as the reshaped 2-D matmul; an einsum that has to
+    write a transposed output ('btc,cg->tbg') is about 3x slower.
     """
-    t, b, c = seq.shape
-    xp = jnp.dot(seq.reshape(t * b, c), w, preferred_element_type=jnp.float32)
-    return xp.astype(seq.dtype).reshape(t, b, -1)
+    xp = jnp.einsum("tbc,cg->tbg", seq, w, preferred_element_type=jnp.float32)
+    return xp.astype(seq.dtype)
 
 
 def lstm_block(

@@ -140,7 +140,7 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
 
     def bwd(saved, g):
         (h_prev, c_prev, acts), mask, whh, bias, h0 = saved
-        t, b, hdim = h_prev.shape
+        _, b, hdim = h_prev.shape
         whh_t = whh.T
 
         def body(carry, inp):
@@ -179,13 +179,12 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
             xs = (mask, c_prev, acts)
         dc0 = jnp.zeros((b, hdim), jnp.float32)
         (dh_init, dc_init), dz = lax.scan(body, (dh0, dc0), xs, reverse=not reverse)
-        dz2 = dz.reshape(t * b, -1)
-        dwhh = jnp.dot(  # one [H, T*B] @ [T*B, 4H] matmul over all steps
-            h_prev.reshape(t * b, hdim).T,
-            dz2.astype(whh.dtype),
-            preferred_element_type=jnp.float32,
+        # One matmul over all steps, contracting T and B together; written without reshaping to
+        # [T*B, .], which would hide the batch axis from the sharding partitioner.
+        dwhh = jnp.einsum(
+            "tbh,tbg->hg", h_prev, dz.astype(whh.dtype), preferred_element_type=jnp.float32
         )
-        dbias = dz2.sum(0)
+        dbias = dz.sum((0, 1))
         return (
             dz.astype(h_prev.dtype),
             dwhh.astype(whh.dtype),
