@@ -4,7 +4,11 @@ which first makes the packages the machine lacks importable from wheels carried 
 
 Steps, each a subprocess bounded by what is left of `--budget_s`:
   1. platform: the detection block `pdm_jax.main` logs (backend, device kind, layout decisions);
-  2. speed: scripts/benchmark.py for each model in float32 and bfloat16 (train + infer);
+  2. speed: scripts/benchmark.py for each model in float32 and bfloat16 (train + infer), at the
+     PyTorch peers' shapes (14 sensor inputs, window 30, batch 256) and at the committed
+     configs' (the main jobs' inputs), with the layout `main` would choose there; and the TFT at
+     NVIDIA's reference shapes (hidden 128, 4 heads, 192-step windows, synthetic data), beside
+     NVIDIA's published 13.7k items/s on one A100 with AMP;
   3. resume: a short FD001 training with checkpoints every few steps, SIGKILLed once its first
      checkpoint is complete, then the same command again, which must resume from it and finish;
   4. a summary table on stdout, also written to OUT/summary.md with every record in
@@ -27,6 +31,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
+# Benchmark shapes: config overrides per model, and which models they apply to.
+SHAPES: dict[str, dict[str, list[str]]] = {
+    "peers": {
+        "cnn_bilstm": ["data.use_time=False"],
+        "tft": ["data.baseline_cycles=0", "data.use_time=False"],
+    },
+    "config": {"cnn_bilstm": [], "tft": []},
+    # NVIDIA's TFT reference (DeepLearningExamples, electricity: 168 + 24 steps).
+    "nvidia": {"tft": ["model.tft.hidden=128", "model.tft.heads=4"]},
+}
+NVIDIA_WINDOW = 192
+NVIDIA_UNITS = 200  # synthetic units, enough windows of 192 steps for the timed steps
 TINY = {
     "cnn_bilstm": [
         "model.cnn_bilstm.channels=(8,)",
@@ -72,39 +88,59 @@ def platform_block() -> str:
     return hardware.describe(detected, layout)
 
 
+def benchmark_command(args: argparse.Namespace, model: str, dtype: str, shape: str) -> list[str]:
+    """The scripts/benchmark.py call of one speed row."""
+    cmd = [
+        sys.executable,
+        "scripts/benchmark.py",
+        f"--model={model}",
+        f"--dtype={dtype}",
+        f"--batch={args.batch}",
+        f"--steps={args.steps}",
+        f"--warmup={2 if args.quick else 5}",
+        "--what=train,infer",
+        *(f"--set={s}" for s in SHAPES[shape][model]),
+    ]
+    if shape == "nvidia":
+        cmd += [f"--window={NVIDIA_WINDOW}", f"--synthetic_units={NVIDIA_UNITS}"]
+    if args.quick:
+        cmd += ["--infer_batch=64", *(f"--set={s}" for s in TINY[model])]
+    return cmd
+
+
 def speed(args: argparse.Namespace, budget: Budget, out: Path) -> list[dict[str, Any]]:
     rows = []
-    for model in args.models.split(","):
-        for dtype in args.dtypes.split(","):
-            cmd = [
-                sys.executable,
-                "scripts/benchmark.py",
-                f"--model={model}",
-                f"--dtype={dtype}",
-                f"--batch={args.batch}",
-                f"--steps={args.steps}",
-                f"--warmup={2 if args.quick else 5}",
-                "--what=train,infer",
-            ]
-            if args.quick:
-                cmd += ["--infer_batch=64", *(f"--set={s}" for s in TINY[model])]
-            code, stdout = _run(cmd, budget, out / "benchmark.log")
-            records = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
-            row: dict[str, Any] = {"step": "speed", "model": model, "dtype": dtype}
-            for record in records:
-                if record.get("what") == "train":
-                    row.update(
-                        train_samples_per_s=record["train_samples_per_s"],
-                        compile_s=record["compile_s"],
-                        peak_bytes=record.get("peak_bytes"),
-                        device_kind=record["device_kind"],
-                        device_count=record["device_count"],
-                    )
-                elif record.get("what") == "infer":
-                    row["infer_windows_per_s"] = record["infer_windows_per_s"]
-            row["status"] = _status(code, "train_samples_per_s" in row)
-            rows.append(row)
+    for shape in args.shapes.split(","):
+        for model in args.models.split(","):
+            if model not in SHAPES[shape]:
+                continue
+            for dtype in args.dtypes.split(","):
+                cmd = benchmark_command(args, model, dtype, shape)
+                code, stdout = _run(cmd, budget, out / "benchmark.log")
+                records = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+                row = {"step": "speed", "model": model, "dtype": dtype, "shape": shape}
+                row.update(_speed_figures(records))
+                row["status"] = _status(code, "train_samples_per_s" in row)
+                rows.append(row)
     return rows
+
+
+def _speed_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for record in records:
+        if record.get("what") == "train":
+            row.update(
+                train_samples_per_s=record["train_samples_per_s"],
+                compile_s=record["compile_s"],
+                peak_bytes=record.get("peak_bytes"),
+                device_kind=record["device_kind"],
+                device_count=record["device_count"],
+                inputs=record.get("features"),
+                window=record.get("window"),
+            )
+        elif record.get("what") == "infer":
+            row["infer_windows_per_s"] = record["infer_windows_per_s"]
+    return row
 
 
 def _status(code: int | None, ok: bool) -> str:
@@ -173,21 +209,23 @@ def resume(args: argparse.Namespace, budget: Budget, out: Path) -> dict[str, Any
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| step | model | dtype | train samples/s | infer windows/s | compile s | peak device "
-        "MiB | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step | model | shape | dtype | train samples/s | infer windows/s | compile s | "
+        "peak device MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["step"] == "speed":
             peak = r.get("peak_bytes")
             lines.append(
-                f"| speed | {r['model']} | {r['dtype']} | {r.get('train_samples_per_s', '-')} | "
+                f"| speed | {r['model']} | {r['shape']} | {r['dtype']} | "
+                f"{r.get('train_samples_per_s', '-')} | "
                 f"{r.get('infer_windows_per_s', '-')} | {r.get('compile_s', '-')} | "
                 f"{'-' if peak is None else round(peak / 2**20)} | {r['status']} |"
             )
         else:
             lines.append(
-                f"| resume | {r['model']} | - | killed after step {r.get('killed_after_step')}, "
+                f"| resume | {r['model']} | - | - | "
+                f"killed after step {r.get('killed_after_step')}, "
                 f"resumed from {r.get('resumed_from_step')}, finished at {r.get('final_step')} "
                 f"(test RMSE {r.get('test_rmse')}) | | | | {r['status']} |"
             )
@@ -197,19 +235,21 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="accelerator_check_out", help="directory for the logs")
-    parser.add_argument("--budget_s", type=float, default=540.0, help="for all steps together")
+    parser.add_argument("--budget_s", type=float, default=480.0, help="for all steps together")
     parser.add_argument("--batch", type=int, default=256, help="global batch of the benchmark")
     parser.add_argument("--steps", type=int, default=100, help="timed benchmark steps")
     parser.add_argument("--models", default=",".join(TINY), help="benchmarked models")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="benchmarked dtypes")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="benchmark shapes")
     parser.add_argument("--quick", action="store_true", help="tiny settings (tests, on CPU)")
     args = parser.parse_args(argv)
     from pdm_jax.models import MODEL_NAMES
 
     unknown = set(args.models.split(",")) - set(MODEL_NAMES)
     unknown |= set(args.dtypes.split(",")) - set(DTYPES)
+    unknown |= set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
-        parser.error(f"unknown model or dtype: {', '.join(sorted(unknown))}")
+        parser.error(f"unknown model, dtype or shape: {', '.join(sorted(unknown))}")
     if args.quick:
         args.batch, args.steps = 32, 3
     budget = Budget(args.budget_s)
