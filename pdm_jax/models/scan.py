@@ -125,8 +125,7 @@ def _lstm_scan_vjp(reverse: bool, return_sequences: bool) -> Callable[..., jax.A
     def scan(xp, whh, bias, mask, h0, c0):
         return lstm_scan_reference(xp, whh, bias, mask, reverse, return_sequences, h0, c0)
 
-    def fwd(xp, whh, bias, mask, h0, c0):
-        h0, c0 = _initial(xp, h0, c0)
+    def fwd(xp, whh, bias, mask, h0, c0):  # (h0, c0) come cast by `lstm_scan`
         b32 = bias.astype(jnp.float32)
 
         def body(carry, inp):
