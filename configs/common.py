@@ -161,4 +161,12 @@ def get_config() -> ml_collections.ConfigDict:
     ckpt.keep = 3  # the last N complete steps are kept ...
     ckpt.keep_best = True  # ... plus the best by validation RMSE (every_steps % eval_every == 0)
     ckpt.resume_from = config_dict.placeholder(str)
+
+    # MLflow tracking (extra `pip install "pdm-jax[tracking]"`): with a URI (http(s)://host:port,
+    # sqlite:///file.db, databricks), process 0 logs params, metrics, tags and the run's files
+    # there too. Credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, never the URI.
+    tracking = config.tracking = ml_collections.ConfigDict()
+    tracking.mlflow_uri = config_dict.placeholder(str)  # unset: no tracking
+    tracking.experiment = "pdm-jax"
+    tracking.run_name = config_dict.placeholder(str)  # unset: the workdir's name
     return config

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pdm_jax import calibration, jsonio, models
+from pdm_jax import calibration, jsonio, models, tracking
 from pdm_jax.data.cmapss import SUBSETS
 from pdm_jax.data.sources import SOURCES
 from pdm_jax.data.validate import NAN_POLICIES
@@ -160,6 +160,14 @@ def validate(config: Any) -> None:
             "either columns.failure or columns.rul, not both",
             data.columns.rul,
         )
+    tracking_uri = config.get("tracking", {}).get("mlflow_uri")
+    _require(
+        not tracking.credentials_in(tracking_uri),
+        "tracking.mlflow_uri",
+        "a URI without a password (config.json and checkpoints keep it): set "
+        "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead",
+        "<uri with a password>",
+    )
     eval_every = config.train.eval_every
     _require(
         not (ckpt.keep_best and ckpt.every_steps and ckpt.every_steps % eval_every),

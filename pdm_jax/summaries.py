@@ -1,7 +1,8 @@
 """Where training numbers go: `metrics.jsonl` for scripts and TensorBoard events under `tb/`.
 
-One writer feeds both so the two never disagree. TensorBoard files come from tensorboardX (pure
-Python, protobuf only): the event format without TensorFlow. Only the primary process writes;
+One writer feeds both (and the MLflow tracker, when one is set) so they never disagree.
+TensorBoard files come from tensorboardX (pure Python, protobuf only): the event format without
+TensorFlow. Only the primary process writes;
 the others hold a writer that does nothing, so call sites need no rank checks.
 """
 
@@ -19,8 +20,11 @@ TB_DIR = "tb"
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, enabled: bool = True, tensorboard: bool = True, sink: Any = None
+    ):
         self.enabled = enabled
+        self.sink = sink  # tracking.Tracker: receives every record too
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if not enabled:
@@ -36,6 +40,8 @@ class MetricWriter:
         if not self.enabled:
             return
         jsonio.append_jsonl(self.path, {"step": int(step), **record})
+        if self.sink is not None:
+            self.sink.metrics(step, record)
         if self._tb is None:
             return
         for name, value in record.items():

@@ -140,6 +140,7 @@ class StorageServer:
     # Probed until the server answers; chosen so the probe changes no state.
     probe_path = "/"
     stop_signal = signal.SIGTERM
+    start_timeout_s = START_TIMEOUT_S
     # Variables removed inside environ() because they would steer clients elsewhere.
     unset_vars: tuple[str, ...] = ()
 
@@ -196,7 +197,7 @@ class StorageServer:
 
     def _wait_until_answering(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             code = self._proc.poll()
             if code is not None:
@@ -206,7 +207,7 @@ class StorageServer:
                 return
             if time.monotonic() > deadline:
                 self.stop(kill=True)
-                self._fail(f"did not answer within {START_TIMEOUT_S:.0f} s")
+                self._fail(f"did not answer within {self.start_timeout_s:.0f} s")
             time.sleep(0.1)
 
     def stop(self, kill: bool = False) -> None:

@@ -18,8 +18,8 @@ from pdm_jax.jsonio import flatten
 FORMAT_VERSION = 2
 STATE, META = "state", "meta"
 # Config keys a resumed run may change: how long and how often, where things are stored, what
-# is logged, and where the (fingerprint-checked) data lives. Hardware-resolved keys (compute.*,
-# grad_accum, remat, loader threads, distributed.*) follow the machine, not the run.
+# is logged and tracked, and where the (fingerprint-checked) data lives. Hardware-resolved keys
+# (compute.*, grad_accum, remat, loader threads, distributed.*) follow the machine, not the run.
 RESUMABLE_CHANGES = (
     "train.num_steps",
     "train.num_epochs",
@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = (
     "train.grad_accum",
     "train.calibration",  # fitted after each evaluation; training itself never reads it
     "checkpoint.",
+    "tracking.",
     "compute.",
     "distributed.",
     "model.remat",

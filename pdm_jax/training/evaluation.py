@@ -196,9 +196,8 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
                 "config.checkpoint.resume_from"
             )
         batches = dataset.train_batches(run.prepared, run.config)
-        _, _, best, _, first = restore(
-            source, run.config, run.prepared, batches, run.params, run.opt_state
-        )
+        restored = restore(source, run.config, run.prepared, batches, run.params, run.opt_state)
+        best, first = restored.best, restored.first
         source_uri = source.uri
         if source is not own:
             source.close()

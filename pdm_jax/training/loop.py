@@ -23,7 +23,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from pdm_jax import checkpoint, datacheck, jsonio, parallel, prediction, preempt
+from pdm_jax import (
+    checkpoint,
+    datacheck,
+    jsonio,
+    parallel,
+    prediction,
+    preempt,
+    resources,
+    tracking,
+)
 from pdm_jax.data import dataset
 from pdm_jax.optim import eval_params
 from pdm_jax.progress import Progress
@@ -48,6 +57,7 @@ class Progressing:
     best: dict[str, Any]  # rmse, step, params (a host copy), calibration
     stale: int = 0  # evaluations since the best one
     first: int = 1  # the first step this process runs
+    tracking: dict[str, Any] | None = None  # the MLflow run to continue (tracking.Tracker)
 
 
 @dataclasses.dataclass
@@ -63,6 +73,7 @@ class Loop:
     num_steps: int
     per_epoch: int
     writer: MetricWriter | None = None  # opened once resuming has succeeded
+    tracker: tracking.Tracker | None = None
     start: float = 0.0
 
 
@@ -101,10 +112,11 @@ def _start(loop: Loop) -> Progressing:
     try:
         source = state.resume_source(loop.store, run.config)
         if source is not None:
-            params, opt_state, best, stale, first = state.restore(
-                source, run.config, run.prepared, loop.batches, run.params, run.opt_state
+            now = Progressing(
+                *state.restore(
+                    source, run.config, run.prepared, loop.batches, run.params, run.opt_state
+                )
             )
-            now = Progressing(params, opt_state, best, stale, first)
             if source is not loop.store:
                 source.close()
     except BaseException:
@@ -128,6 +140,7 @@ def _save(loop: Loop, now: Progressing, step: int, val_rmse: float | None) -> No
         "config": run.config.to_dict(),
         "fingerprint": run.prepared.fingerprint,
         "calibration": None if best["calibration"] is None else best["calibration"].to_dict(),
+        "tracking": loop.tracker.identity() if loop.tracker else now.tracking,
     }
     arrays = {"params": now.params, "opt_state": now.opt_state, "best_params": best["params"]}
     loop.store.save(step, arrays, meta, {"val_rmse": val_rmse} if val_rmse is not None else None)
@@ -166,13 +179,15 @@ def _validate(loop: Loop, now: Progressing, step: int) -> dict[str, Any]:
 
 
 def _train_record(loop: Loop, losses: list[Any], step: int, first: int) -> dict[str, Any]:
-    elapsed = time.perf_counter() - loop.start
+    elapsed, steps = time.perf_counter() - loop.start, step - first + 1
     return {
         "epoch": round(step / loop.per_epoch, 3),
         "lr": float(loop.run.schedule(step)),
         "loss": float(np.mean(parallel.to_host(losses))),
-        "samples_per_s": round((step - first + 1) * loop.run.config.train.batch_size / elapsed, 1),
+        "samples_per_s": round(steps * loop.run.config.train.batch_size / elapsed, 1),
+        "steps_per_s": round(steps / elapsed, 3),
         "elapsed_s": round(elapsed, 2),
+        **resources.sample(),
     }
 
 
@@ -309,14 +324,32 @@ def _report(loop: Loop, now: Progressing, step: int, test: bool) -> dict[str, An
 def train_and_evaluate(
     config: Any, workdir: str, data_dir: str | None = None, test: bool = True
 ) -> dict[str, Any]:
-    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/, report.json, plots/."""
+    """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/, report.json, plots/
+    (and the same to MLflow when `tracking.mlflow_uri` is set)."""
     run = state.build(config, workdir, data_dir)
     loop = _open(run, workdir)
     now = _start(loop)
-    train_cfg = run.config.train
+    if run.primary:
+        loop.tracker = tracking.start(run.config, workdir, now.tracking)
     loop.writer = MetricWriter(
-        workdir, enabled=run.primary, tensorboard=bool(train_cfg.tensorboard)
+        workdir,
+        enabled=run.primary,
+        tensorboard=bool(run.config.train.tensorboard),
+        sink=loop.tracker,
     )
+    status = "FAILED"
+    try:
+        report = _train_and_report(loop, now, workdir, test)
+        status = "KILLED" if report.get("preempted") else "FINISHED"
+    finally:
+        if loop.tracker is not None:
+            loop.tracker.finish(status)
+            loop.tracker.close()
+    return report
+
+
+def _train_and_report(loop: Loop, now: Progressing, workdir: str, test: bool) -> dict[str, Any]:
+    run = loop.run
     if run.primary:
         state.truncate_metrics(loop.writer.path, now.first - 1)
     loop.writer.text("config", f"```\n{run.config}\n```")

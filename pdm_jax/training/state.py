@@ -123,6 +123,17 @@ def saved_calibration(meta: dict[str, Any], config: Any) -> calibration.Calibrat
     return calibration.Calibration.from_dict(meta.get("calibration"))
 
 
+class Restored(NamedTuple):
+    """A checkpoint step, in the order `loop.Progressing` takes it."""
+
+    params: Any
+    opt_state: Any
+    best: dict[str, Any]  # rmse, step, params (a host copy), calibration
+    stale: int
+    first: int  # the step to run next
+    tracking: dict[str, Any] | None  # the MLflow run it logged to (tracking.Tracker.identity)
+
+
 def restore(
     store: checkpoint.CheckpointStore,
     config: Any,
@@ -130,7 +141,7 @@ def restore(
     batches: Any,
     params: Any,
     opt_state: Any,
-) -> tuple[Any, Any, dict[str, Any], int, int]:
+) -> Restored:
     """Loads the latest complete step into this run's layout; refuses incompatible ones."""
     meta = store.restore_meta()
     differ = checkpoint.config_differences(meta["config"], config.to_dict())
@@ -155,7 +166,8 @@ def restore(
         "calibration": saved_calibration(meta, config),
     }
     log.info("resumed from %s at step %d (best step %d)", store.uri, meta["step"], best["step"])
-    return state["params"], state["opt_state"], best, int(early["stale"]), int(meta["step"]) + 1
+    stale, first = int(early["stale"]), int(meta["step"]) + 1
+    return Restored(state["params"], state["opt_state"], best, stale, first, meta.get("tracking"))
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
