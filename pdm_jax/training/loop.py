@@ -48,6 +48,10 @@ SYNC_EVERY = 10
 MAX_IN_FLIGHT = 2
 
 
+class Halted(Exception):
+    """Raised by an `on_eval` hook to end the run here (a search pruning a poor trial)."""
+
+
 @dataclasses.dataclass
 class Progressing:
     """What changes from step to step and a checkpoint must carry to continue exactly."""
@@ -74,6 +78,7 @@ class Loop:
     per_epoch: int
     writer: MetricWriter | None = None  # opened once resuming has succeeded
     tracker: tracking.Tracker | None = None
+    on_eval: Any = None  # (step, selected validation RMSE) -> None; may raise Halted
     start: float = 0.0
 
 
@@ -245,6 +250,8 @@ def _run_steps(loop: Loop, now: Progressing, stop: preempt.StopSignal) -> int:
                 log.info("step %d: %s", step, json.dumps(record))
             if record:
                 loop.writer.write(step, record)
+            if loop.on_eval is not None and val_rmse is not None:
+                loop.on_eval(step, val_rmse)
             if _checkpoint_and_stop(loop, now, step, val_rmse, clock, stop):
                 break
     finally:
@@ -322,12 +329,18 @@ def _report(loop: Loop, now: Progressing, step: int, test: bool) -> dict[str, An
 
 
 def train_and_evaluate(
-    config: Any, workdir: str, data_dir: str | None = None, test: bool = True
+    config: Any,
+    workdir: str,
+    data_dir: str | None = None,
+    test: bool = True,
+    on_eval: Any = None,
 ) -> dict[str, Any]:
     """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/, report.json, plots/
-    (and the same to MLflow when `tracking.mlflow_uri` is set)."""
+    (and the same to MLflow when `tracking.mlflow_uri` is set). `on_eval(step, rmse)` sees each
+    validation score (the one selection uses) and may end the run by raising `Halted`."""
     run = state.build(config, workdir, data_dir)
     loop = _open(run, workdir)
+    loop.on_eval = on_eval
     now = _start(loop)
     if run.primary:
         loop.tracker = tracking.start(run.config, workdir, now.tracking)
@@ -341,6 +354,9 @@ def train_and_evaluate(
     try:
         report = _train_and_report(loop, now, workdir, test)
         status = "KILLED" if report.get("preempted") else "FINISHED"
+    except Halted:
+        status = "KILLED"
+        raise
     finally:
         if loop.tracker is not None:
             loop.tracker.finish(status)
