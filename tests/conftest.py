@@ -101,6 +101,16 @@ def load_config(name: str = "common"):
     return load(name)
 
 
+# tiny_cnn_config() below as command-line flags, for tests that run real main/tune processes.
+TINY_CNN_FLAGS = [
+    "--config=configs/cnn_bilstm.py",
+    "--config.model.cnn_bilstm.channels=(8,)",
+    "--config.model.cnn_bilstm.dilations=(1,)",
+    "--config.model.cnn_bilstm.lstm_hidden=8",
+    "--config.model.cnn_bilstm.dense=8",
+]
+
+
 def tiny_cnn_config(dropout: float | None = None):
     """configs/cnn_bilstm.py shrunk to compile in about a second: for tests of the loop, not of
     the model."""

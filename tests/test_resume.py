@@ -20,18 +20,14 @@ import numpy as np
 import pytest
 
 from pdm_jax import checkpoint
-from tests.conftest import REPO, as_format_1
+from tests.conftest import REPO, TINY_CNN_FLAGS, as_format_1
 from tests.test_parallel import _env, _free_port, _losses
 
 pytest_plugins = ["tests.servers"]
 
 STEPS = 60
 TINY = [
-    "--config=configs/cnn_bilstm.py",
-    "--config.model.cnn_bilstm.channels=(8,)",
-    "--config.model.cnn_bilstm.dilations=(1,)",
-    "--config.model.cnn_bilstm.lstm_hidden=8",
-    "--config.model.cnn_bilstm.dense=8",
+    *TINY_CNN_FLAGS,
     "--config.train.batch_size=32",
     "--config.train.log_every=1",
     "--config.train.eval_every=10",

@@ -13,7 +13,7 @@ import time
 import optuna
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_CNN_FLAGS
 from tests.test_parallel import _env
 
 SPACE = """
@@ -24,11 +24,7 @@ def space(trial):
     }
 """
 TINY = [
-    "--config=configs/cnn_bilstm.py",
-    "--config.model.cnn_bilstm.channels=(8,)",
-    "--config.model.cnn_bilstm.dilations=(1,)",
-    "--config.model.cnn_bilstm.lstm_hidden=8",
-    "--config.model.cnn_bilstm.dense=8",
+    *TINY_CNN_FLAGS,
     "--config.data.window=10",
     "--config.train.batch_size=32",
     "--config.train.eval_every=5",
