@@ -1,4 +1,5 @@
-"""scripts/experiments.py: real main-job runs on tiny synthetic rows, resume, failure, the table.
+"""scripts/experiments.py (and experiments/tables.py): real main-job runs on tiny synthetic rows,
+resume, failure, the table.
 
 Each `pdm_jax.main` subprocess costs 10-30 s here (JAX import and compile), so one test walks
 through the whole lifecycle (first run with a failing row, a no-op rerun, a rerun after a line
@@ -109,7 +110,7 @@ def test_runs_resumes_and_retries_only_missing_rows(tmp_path):
         assert record["steps"] == 3 and record["best_step"] == 3
         assert record["wall_seconds"] > 0 and record["train_seconds"] > 0
         assert record["finished_at"].endswith("+00:00") and record["hostname"]
-        assert {"cpu", "cpu_count", "git_commit", "plan", "jax_version"} <= set(record)
+        assert {"cpu_count", "git_commit", "plan", "jax_version"} <= set(record)
         assert record["overrides"]["train.num_steps"] == "3"
         assert record["overrides"]["model.cnn_bilstm.channels"] == "(8, 8)"
         argv = shlex.split(record["command"])
@@ -164,7 +165,7 @@ def test_runs_resumes_and_retries_only_missing_rows(tmp_path):
 
 
 def test_first_bar_plan_dry_run_and_flag_errors(tmp_path):
-    plan = experiments.load_plan(REPO / "experiments" / "first_bar.py")
+    plan = experiments.tables.load_plan(REPO / "experiments" / "first_bar.py")
     ids = [row["id"] for row in plan]
     assert len(ids) == len(set(ids)) == 18
     better = [row for row in plan if row.get("better_model")]
@@ -246,7 +247,7 @@ def test_table_summary_is_exact_on_hand_made_results():
         "m-FD002-s1": rec("m-FD002-s1", 1, 20.125, 1234.56, 50.0),
         "gone-s0": rec("gone-s0", 0, 1.0, 1.0, 1.0),
     }
-    summary = experiments.summarize(plan, results)
+    summary = experiments.tables.summarize(plan, results)
     assert [s["group"] for s in summary] == ["m FD001", "m FD002", "m FD003"]
     fd001, fd002, fd003 = summary
     assert fd001["rmse"] == [10.0, 14.0, 12.0]
@@ -256,8 +257,9 @@ def test_table_summary_is_exact_on_hand_made_results():
     assert fd002["rmse_text"] == "20.12" and fd002["phm08_text"] == "1234.6"
     assert fd003["finished"] == 0 and fd003["rmse_text"] == "-"
 
-    text = experiments.render_markdown("p", plan, results, {"m-FD003-s0": "python -m x"})
-    assert text == experiments.render_markdown("p", plan, results, {"m-FD003-s0": "python -m x"})
+    pending = {"m-FD003-s0": "python -m x"}
+    text = experiments.tables.render_markdown("p", plan, results, pending)
+    assert text == experiments.tables.render_markdown("p", plan, results, pending)
     assert "| m FD001 |  | 3/3 | 12.00 ± 2.00 | 200.0 ± 100.0 | s1 (14.00) | 78% | 200 |" in text
     assert "| m FD002 | x | 1/2 | 20.12 | 1234.6 | s1 (20.12) | - | 50 |" in text
     assert "| m FD003 |  | 0/1 | - | - | - | - | - |" in text
@@ -287,19 +289,20 @@ def test_recorded_commands_name_no_machine():
         "/opt/venv/bin/python -m pdm_jax.main --config=configs/tft.py --workdir=runs/x "
         "--data_dir=/srv/data/cmapss '--config.model.cnn_bilstm.channels=(8, 8)'"
     )
-    assert experiments.portable_command(command) == (
+    assert experiments.tables.portable_command(command) == (
         "python -m pdm_jax.main --config=configs/tft.py --workdir=runs/x "
         "--data_dir=$PDM_DATA_DIR '--config.model.cnn_bilstm.channels=(8, 8)'"
     )
     inside = "python -m pdm_jax.main --config=configs/tft.py --data_dir=data/mine"
-    assert experiments.portable_command(inside) == inside
+    assert experiments.tables.portable_command(inside) == inside
 
 
 def test_every_plan_has_unique_ids_and_existing_configs():
-    plans = [p for p in sorted((REPO / "experiments").glob("*.py")) if "get_plan" in p.read_text()]
+    files = sorted((REPO / "experiments").glob("*.py"))
+    plans = [p for p in files if "def get_plan" in p.read_text()]
     assert len(plans) >= 5
     for path in plans:
-        plan = experiments.load_plan(path)
+        plan = experiments.tables.load_plan(path)
         ids = [row["id"] for row in plan]
         assert len(ids) == len(set(ids)), path.name
         assert all((REPO / row["config"]).is_file() for row in plan), path.name
