@@ -46,18 +46,19 @@ class Calibration:
     source: str = "validation"
 
     def bands(
-        self, outputs: np.ndarray, point: np.ndarray, quantiles: Sequence[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, outputs: Any, point: Any, quantiles: Sequence[float], xp: Any = np
+    ) -> tuple[Any, Any]:
         """(low, high) RUL bounds for each prediction: the model's own p10/p90 when it has
         them, else the point prediction, each moved by its bin's shift, then held around the
         point (a negative shift narrows a band, and must not narrow it past its own prediction)
-        and at or above 0 cycles unless the point itself is below."""
-        point = np.asarray(point, np.float64)
-        raw_low, raw_high = raw_bounds(outputs, point, quantiles)
-        which = np.searchsorted(np.asarray(self.edges), point, side="right")
-        low = raw_low - np.asarray(self.low)[which]
-        high = raw_high + np.asarray(self.high)[which]
-        return around(low, high, point)
+        and at or above 0 cycles unless the point itself is below. `xp`: numpy (float64), or
+        jax.numpy inside an exported function."""
+        point = xp.asarray(point, _wide(xp))
+        raw_low, raw_high = raw_bounds(outputs, point, quantiles, xp)
+        which = xp.searchsorted(xp.asarray(self.edges, _wide(xp)), point, side="right")
+        low = raw_low - xp.asarray(self.low, _wide(xp))[which]
+        high = raw_high + xp.asarray(self.high, _wide(xp))[which]
+        return around(low, high, point, xp)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,33 +107,39 @@ class Calibration:
         }
 
 
-def around(low: np.ndarray, high: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _wide(xp: Any) -> Any:
+    """float64 in numpy; jax computes in its default float (float32 unless x64 is enabled)."""
+    return np.float64 if xp is np else None
+
+
+def around(low: Any, high: Any, point: Any, xp: Any = np) -> tuple[Any, Any]:
     """`low <= point <= high`, and neither bound below 0 cycles unless the point is."""
-    point = np.asarray(point, np.float64)
-    low = np.minimum(np.maximum(low, 0.0), point)
-    high = np.maximum(np.maximum(high, 0.0), point)
+    point = xp.asarray(point, _wide(xp))
+    low = xp.minimum(xp.maximum(low, 0.0), point)
+    high = xp.maximum(xp.maximum(high, 0.0), point)
     return low, high
 
 
 def raw_bounds(
-    outputs: np.ndarray, point: np.ndarray, quantiles: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
+    outputs: Any, point: Any, quantiles: Sequence[float], xp: Any = np
+) -> tuple[Any, Any]:
     """The model's own p10/p90 outputs held on either side of its point prediction (quantile
     heads trained apart can cross), or (point, point) for a model without them."""
     columns = metrics.interval_columns(quantiles)
-    point = np.asarray(point, np.float64)
+    point = xp.asarray(point, _wide(xp))
     if columns is None:
         return point, point
-    outputs = np.asarray(outputs, np.float64)
-    return np.minimum(outputs[:, columns[0]], point), np.maximum(outputs[:, columns[1]], point)
+    outputs = xp.asarray(outputs, _wide(xp))
+    return xp.minimum(outputs[:, columns[0]], point), xp.maximum(outputs[:, columns[1]], point)
 
 
 def quantile_table(
-    outputs: np.ndarray,
-    point: np.ndarray,
+    outputs: Any,
+    point: Any,
     quantiles: Sequence[float],
     calibrated: Calibration | None = None,
-) -> dict[float, np.ndarray]:
+    xp: Any = np,
+) -> dict[float, Any]:
     """Every quantile a prediction reports besides its point, ascending: {q: values [N]}.
 
     The model's own quantiles, with the `calibrated` band in place of (or, for a point model, as)
@@ -140,20 +147,21 @@ def quantile_table(
     only two of them, so the values are then made monotone outwards from the point: each
     quantile below the point's is at most the next one up, each above at least the next one
     down. Training, evaluation, plots and batch inference all take their columns from here, so
-    `p10 <= pred <= p90` (and every `pNN` in order) holds wherever a band is shown.
+    `p10 <= pred <= p90` (and every `pNN` in order) holds wherever a band is shown. With
+    `xp=jax.numpy` the same table is computed inside a traced function (an exported model).
     """
-    point = np.asarray(point, np.float64)
-    outputs = np.asarray(outputs, np.float64)
+    point = xp.asarray(point, _wide(xp))
+    outputs = xp.asarray(outputs, _wide(xp))
     centre = point_index(quantiles)
     middle = 0.5 if centre is None else float(quantiles[centre])
     values = {round(float(q), 6): outputs[:, i] for i, q in enumerate(quantiles) if i != centre}
     if calibrated is not None:
-        low, high = calibrated.bands(outputs, point, quantiles)
+        low, high = calibrated.bands(outputs, point, quantiles, xp)
         values[round(calibrated.interval[0], 6)] = low
         values[round(calibrated.interval[1], 6)] = high
     below = sorted((q for q in values if q < middle), reverse=True)
     above = sorted(q for q in values if q >= middle)
-    for side, order in ((below, np.minimum), (above, np.maximum)):
+    for side, order in ((below, xp.minimum), (above, xp.maximum)):
         previous = point
         for q in side:
             values[q] = previous = order(values[q], previous)

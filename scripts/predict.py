@@ -1,6 +1,7 @@
 """Batch RUL inference from a checkpoint, with no training data:
 
-    python scripts/predict.py --checkpoint=URI --input=PATH [--input=PATH ...] --output=PATH
+    python scripts/predict.py --checkpoint=URI|--exported=DIR --input=PATH [--input=PATH ...]
+        --output=PATH
         [--step=best|latest|N] [--all_steps] [--batch_size=1024] [--dtype=float32|bfloat16]
         [--chunk_rows=500000] [--intervals=calibrated|raw]
 
@@ -34,7 +35,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint store URI or run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint store URI or run directory")
+    source.add_argument(
+        "--exported",
+        help="a directory written by scripts/export.py, in place of --checkpoint (same columns; "
+        "--step, --dtype, --infer_microbatch and --intervals were fixed at export)",
+    )
     parser.add_argument(
         "--input",
         action="append",
@@ -101,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
 
     hostmem.tune()
     try:
+        if args.exported:
+            inference.predict_exported(
+                args.exported,
+                args.input,
+                args.output,
+                all_steps=args.all_steps,
+                batch_size=args.batch_size,
+                chunk_rows=args.chunk_rows,
+                show_progress=not args.quiet,
+            )
+            return 0
         inference.predict_to_file(
             args.checkpoint,
             args.input,

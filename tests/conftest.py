@@ -12,6 +12,8 @@ because a skipped data test proves nothing.
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 # Before jax initialises its CPU backend: compile with LLVM's cheaper optimisation level. It halves
 # compile time on this 2-core CPU (12 s -> 5.4 s for the TFT's train step) without changing what
@@ -134,3 +136,66 @@ def as_format_1(store: pathlib.Path) -> None:
         meta.pop("calibration")
         meta["format_version"] = 1
         meta_file.write_text(json.dumps(meta))
+
+
+# Two short training runs whose checkpoints the inference and export tests read: a tiny
+# CNN-BiLSTM on 8 simulated devices reading baseline inputs and the unit's age, and a tiny TFT
+# ensemble of two members (config.model.ensemble) for the quantile columns.
+TRAIN = [
+    "--config.train.batch_size=64",
+    "--config.train.eval_every=10",
+    "--config.train.tensorboard=False",
+    "--config.train.plots=False",
+]
+CNN = [
+    "--config=configs/cnn_bilstm.py",
+    "--config.data.window=30",  # the test file's unit 7 cut to 5 rows is its only short unit
+    "--config.data.use_time=True",  # the unit's age, read from each file's time column
+    "--config.data.baseline_cycles=5",  # inputs computed from each unit's own first rows
+    "--config.train.num_steps=20",
+    "--config.model.cnn_bilstm.channels=(8,)",
+    "--config.model.cnn_bilstm.dilations=(1,)",
+    "--config.model.cnn_bilstm.lstm_hidden=8",
+    "--config.model.cnn_bilstm.dense=8",
+]
+# A high constant rate without warm-up: 40 steps are then enough for the quantile heads to fan out
+# around the median (with the default warm-up they are still bunched together).
+TFT = [
+    "--config=configs/tft.py",
+    "--config.train.num_steps=40",
+    "--config.train.eval_every=20",
+    "--config.train.warmup_steps=0",
+    "--config.train.learning_rate=0.03",
+    "--config.model.tft.hidden=8",
+    "--config.model.tft.heads=1",
+    "--config.model.tft.var_hidden=4",
+    "--config.model.ensemble=2",
+]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """{'cnn': workdir, 'tft': workdir}: both trainings run at once (they share two cores),
+    once per test run: inference and export tests read the same checkpoints."""
+    from tests.test_parallel import _env  # test_parallel imports this module
+
+    root = tmp_path_factory.mktemp("runs")
+    jobs = {
+        "cnn": (CNN, 8),
+        "tft": (TFT, 1),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "pdm_jax.main", *args, *TRAIN, f"--workdir={root / name}"],
+            cwd=REPO,
+            env=_env(devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, (args, devices) in jobs.items()
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
+    return {name: root / name for name in jobs}

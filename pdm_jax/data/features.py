@@ -53,10 +53,24 @@ class Scaler:
         out = np.empty(len(frame), np.int32)
         settings = frame[list(self.settings)].to_numpy(np.float64)
         for start in range(0, len(frame), TRANSFORM_ROWS):  # [rows, K, S] distances in blocks
-            norm = (settings[start : start + TRANSFORM_ROWS] - self.setting_low) / self.setting_span
-            dist = ((norm[:, None, :] - self.centers[None, :, :]) ** 2).sum(-1)
-            out[start : start + len(norm)] = dist.argmin(axis=1)
+            block = settings[start : start + TRANSFORM_ROWS]
+            out[start : start + len(block)] = self.condition_of(block)
         return out
+
+    def condition_of(self, settings: Any, xp: Any = np) -> Any:
+        """The condition of each row of raw `settings` [..., S]; `xp` numpy, or jax.numpy inside
+        an exported model (the one formula for both)."""
+        if self.num_conditions == 1:
+            return xp.zeros(settings.shape[:-1], dtype=xp.int32)
+        norm = (settings - xp.asarray(self.setting_low)) / xp.asarray(self.setting_span)
+        dist = ((norm[..., None, :] - xp.asarray(self.centers)) ** 2).sum(-1)
+        return dist.argmin(axis=-1)
+
+    def scale(self, values: Any, cond: Any, xp: Any = np) -> Any:
+        """Raw feature values [..., F] of rows in conditions `cond` [...], scaled."""
+        lo, hi = xp.asarray(self.mins)[cond], xp.asarray(self.maxs)[cond]
+        span = xp.where(hi > lo, hi - lo, 1.0)
+        return (values - lo) / span * (SCALE_HIGH - SCALE_LOW) + SCALE_LOW
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Scaled features [rows, F] as float32; training rows land in [-1, 1]."""
@@ -70,11 +84,7 @@ class Scaler:
         for start in range(0, len(frame), TRANSFORM_ROWS):
             part = frame.iloc[start : start + TRANSFORM_ROWS]
             values = part[list(self.features)].to_numpy(np.float64)
-            cond = self.conditions(part)
-            lo, hi = self.mins[cond], self.maxs[cond]
-            span = np.where(hi > lo, hi - lo, 1.0)
-            scaled = (values - lo) / span * (SCALE_HIGH - SCALE_LOW) + SCALE_LOW
-            out[start : start + len(part)] = scaled
+            out[start : start + len(part)] = self.scale(values, self.conditions(part))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +211,7 @@ def rul_target(table: RunTable, rul_cap: float | None) -> np.ndarray:
     return rul.astype(np.float32)
 
 
-def _levelled_columns(scaler: Scaler, cycles: int) -> list[int]:
+def levelled_columns(scaler: Scaler, cycles: int) -> list[int]:
     """The scaled columns `with_baseline` gives a baseline input: the sensors (settings and the
     age have no unit-specific level), none when `cycles` is 0."""
     if cycles <= 0:
@@ -212,7 +222,7 @@ def _levelled_columns(scaler: Scaler, cycles: int) -> list[int]:
 
 def baseline_inputs(scaler: Scaler, cycles: int) -> tuple[str, ...]:
     """Names of the extra inputs `with_baseline` appends, in order."""
-    return tuple(scaler.features[i] + BASELINE_SUFFIX for i in _levelled_columns(scaler, cycles))
+    return tuple(scaler.features[i] + BASELINE_SUFFIX for i in levelled_columns(scaler, cycles))
 
 
 def with_baseline(
@@ -227,7 +237,7 @@ def with_baseline(
     training unit had at that age. Rows must be grouped by unit (`row_start`: each row's unit's
     first row), and the result does not depend on which other units share the table.
     """
-    columns = _levelled_columns(scaler, cycles)
+    columns = levelled_columns(scaler, cycles)
     if not columns:
         return scaled
     values = scaled[:, columns].astype(np.float64)

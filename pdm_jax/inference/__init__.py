@@ -12,9 +12,11 @@ function, sharded over every local device: the same code serves a laptop CPU and
 Why a package apart from `training`: predicting needs a checkpoint, `optim` (to restore into the
 saved state's shape) and `prediction` (the batch loop evaluation also uses), never the training
 loop. Modules: `predictor` (the checkpoint read and restored), `inputs` (input files checked and
-read), `run` (the prediction frames and the output).
+read), `run` (the prediction frames and the output), `export` (a checkpoint as one
+self-contained `jax.export` artifact) and `exported` (predictions from one).
 """
 
+from pdm_jax.inference.exported import iter_exported, load_exported, predict_exported
 from pdm_jax.inference.inputs import OUT_OF_RANGE, Input, Source, open_source, read_chunks
 from pdm_jax.inference.predictor import (
     INTERVALS,
@@ -46,9 +48,12 @@ __all__ = [
     "Predictor",
     "Saved",
     "Source",
+    "iter_exported",
     "iter_predictions",
     "load",
+    "load_exported",
     "open_source",
+    "predict_exported",
     "predict_files",
     "predict_to_file",
     "quantile_column",

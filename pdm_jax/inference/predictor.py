@@ -66,6 +66,7 @@ class Predictor:
     predict: Any
     microbatch: int = 0  # windows per chunk of a batch, per device (0: the batch at once)
     calibrated: Calibration | None = None  # the conformal p10-p90 band of these parameters
+    graphdef: Any = None  # the model's structure, for functions of the parameters (export)
 
     @property
     def window(self) -> int:
@@ -271,6 +272,7 @@ def load(
         predict=prediction.make_predict_step(graphdef, spec, mesh, microbatch=chunk),
         microbatch=chunk,
         calibrated=calibrated,
+        graphdef=graphdef,
     )
 
 

@@ -119,6 +119,16 @@ def apply(
     return out
 
 
+def params_digest(host_params: Any) -> str:
+    """sha256 over the parameter bytes (host arrays): equal digests mean bit-identical models."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(host_params):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
 def ensemble_size(graphdef: nnx.GraphDef | Ensemble) -> int:
     return graphdef.size if isinstance(graphdef, Ensemble) else 1
 

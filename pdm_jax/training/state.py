@@ -8,7 +8,6 @@ checkpoint's step into that state after checking it is the same run (config and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from pdm_jax import (
@@ -64,10 +62,7 @@ def snapshot(params: Any) -> Any:
 
 def params_digest(params: Any) -> str:
     """sha256 over the parameter bytes: equal digests mean bit-identical models."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(parallel.to_host(params)):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
+    return models.params_digest(parallel.to_host(params))
 
 
 class Setup(NamedTuple):

@@ -1,0 +1,185 @@
+"""A trained model as one self-contained artifact: `model.jaxexport` plus `model.json`.
+
+Why: engines are scored on plant edge boxes, in other teams' services and on servers with only
+jax installed. The exported function (a `jax.export` serialisation, lowered for each requested
+platform, with a symbolic batch dimension) takes the raw readings as they appear in the user's
+file and does everything `scripts/predict.py` does after cutting windows: the per-condition
+scaling, the baseline deltas, the model, the target scale, the calibrated band. A consumer needs
+jax, numpy and flatbuffers (which `jax.export` reads its format with), nothing of pdm-jax.
+
+Inputs, for a batch of B windows of W rows over the C columns `model.json` lists:
+- `raw` [B, W, C] float32: each window's rows, left-padded with zeros when the unit has fewer;
+- `length` [B] int32: the unit's rows up to and including the window's last one (the window's
+  valid rows are its last min(length, W));
+- `head` [B, K, C] float32, only when the model reads baseline inputs (K = data.baseline_cycles):
+  the unit's first K rows (zeros past its length). Each row's baseline is the mean of its unit's
+  first min(age, K) scaled rows, exactly as training computed it, which one mean per window
+  could not give for rows younger than K or for units that change operating condition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdm_jax import calibration, models, parallel, runinfo
+from pdm_jax.data import features
+from pdm_jax.data.table import TIME
+from pdm_jax.errors import ConfigError, PdmError
+from pdm_jax.inference.exported import FORMAT_VERSION, META_FILE, MODEL_FILE
+from pdm_jax.inference.predictor import Predictor, load, read_saved
+from pdm_jax.inference.run import quantile_column
+from pdm_jax.models import layers
+
+PLATFORMS = ("cpu", "cuda", "tpu", "rocm")
+
+
+def raw_columns(scaler: features.Scaler) -> tuple[str, ...]:
+    """The columns the exported function reads, in order: settings, sensors, extra inputs."""
+    return tuple(dict.fromkeys((*scaler.settings, *scaler.features)))
+
+
+def make_function(predictor: Predictor) -> Any:
+    """fn(raw, length[, head]) -> {output column: [B]}: the whole path after windowing."""
+    scaler, window = predictor.scaler, predictor.window
+    cycles, spec = predictor.baseline_cycles, predictor.spec
+    columns = raw_columns(scaler)
+    settings = [columns.index(c) for c in scaler.settings]
+    feats = [columns.index(c) for c in scaler.features]
+    levelled = features.levelled_columns(scaler, cycles)
+    params = parallel.to_host(predictor.params)
+    quantiles, calibrated = spec.quantiles, predictor.calibrated
+
+    def scale(rows: jax.Array) -> jax.Array:
+        """float64 as training scaled (C-MAPSS' s_8 and s_13 sit near 2388 with a range of
+        0.7: float32 readings alone would move their scaled values by ~5e-4)."""
+        cond = scaler.condition_of(rows[..., settings], jnp)
+        return scaler.scale(rows[..., feats], cond, jnp).astype(jnp.float32)
+
+    def fn(raw: jax.Array, length: jax.Array, head: jax.Array | None = None) -> dict:
+        age = length[:, None] - window + 1 + jnp.arange(window)[None, :]  # 1-based, per row
+        mask = age >= 1
+        x = scale(raw)
+        if levelled:  # in float64 too, like features.with_baseline
+            sums = jnp.cumsum(scale(head)[..., levelled].astype(jnp.float64), axis=1)
+            count = jnp.clip(age, 1, cycles)
+            level = jnp.take_along_axis(sums, (count - 1)[..., None], axis=1) / count[..., None]
+            delta = (x[..., levelled].astype(jnp.float64) - level).astype(jnp.float32)
+            x = jnp.concatenate([x, delta], axis=-1)
+        x = jnp.where(mask[..., None], x, jnp.float32(0.0))
+        with jax.enable_x64(False):  # the model as it trained: 32-bit defaults throughout
+            pred = models.apply(predictor.graphdef, params, {"x": x, "mask": mask})["pred"]
+            point = layers.point_prediction(pred, quantiles)
+            table = calibration.quantile_table(pred, point, quantiles, calibrated, xp=jnp)
+            out = {"rul_pred": point}
+            out.update({quantile_column(q): v.astype(jnp.float32) for q, v in table.items()})
+        return out
+
+    return fn
+
+
+def output_names(predictor: Predictor) -> list[str]:
+    """`rul_pred` and the band's columns, in `scripts/predict.py`'s order."""
+    quantiles = predictor.spec.quantiles
+    empty = np.zeros((1, predictor.spec.num_outputs))
+    table = calibration.quantile_table(empty, empty[:, 0], quantiles, predictor.calibrated)
+    return ["rul_pred", *(quantile_column(q) for q in table)]
+
+
+def _arguments(predictor: Predictor) -> list[jax.ShapeDtypeStruct]:
+    (batch,) = jax.export.symbolic_shape("b")
+    width = len(raw_columns(predictor.scaler))
+    args = [
+        jax.ShapeDtypeStruct((batch, predictor.window, width), np.float64),
+        jax.ShapeDtypeStruct((batch,), np.int32),
+    ]
+    if features.levelled_columns(predictor.scaler, predictor.baseline_cycles):
+        args.append(jax.ShapeDtypeStruct((batch, predictor.baseline_cycles, width), np.float64))
+    return args
+
+
+def metadata(predictor: Predictor, platforms: Sequence[str], outputs: Sequence[str]) -> dict:
+    """model.json: what a consumer needs to cut windows and read the outputs."""
+    data = predictor.config.data
+    cycles = predictor.baseline_cycles
+    head = bool(features.levelled_columns(predictor.scaler, cycles))
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": predictor.spec.name,
+        # As the user's file names them: the age input is the file's time column.
+        "columns": [
+            predictor.columns.time if c == TIME else c for c in raw_columns(predictor.scaler)
+        ],
+        "settings": list(predictor.scaler.settings),
+        "unit_column": predictor.columns.unit,
+        "time_column": predictor.columns.time,
+        "known_columns": sorted(predictor.columns.known),
+        "nan_policy": data.nan_policy,
+        "window": predictor.window,
+        "baseline_cycles": cycles if head else 0,
+        "inputs": ["raw", "length", *(["head"] if head else [])],
+        "outputs": list(outputs),
+        "rul_cap": data.rul_cap,
+        "intervals": "calibrated" if predictor.calibrated is not None else "raw",
+        "platforms": list(platforms),
+        "source": {
+            "checkpoint": predictor.uri,
+            "step": predictor.step,
+            "params_step": predictor.params_step,
+            "params_sha256": models.params_digest(parallel.to_host(predictor.params)),
+        },
+        "packages": runinfo.versions(),
+    }
+
+
+def export(
+    checkpoint: str,
+    output: str,
+    step: str | int = "best",
+    platforms: Sequence[str] = ("cpu",),
+    intervals: str = "calibrated",
+) -> dict[str, Any]:
+    """Writes `output/model.jaxexport` and `output/model.json`; returns the metadata. Written
+    into a temporary sibling and renamed, so a failure leaves no half-written directory."""
+    platforms = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ConfigError(f"--platforms: expected some of {', '.join(PLATFORMS)}, got {unknown}")
+    if os.path.exists(output) and os.listdir(output):
+        raise ConfigError(f"--output: {output} exists and is not empty")
+    saved = read_saved(checkpoint, step)
+    predictor = load(saved, dtype="float32", microbatch=0, intervals=intervals)
+    fn = make_function(predictor)
+    try:
+        with jax.enable_x64(True):  # raw readings in float64, as the file holds them
+            exported = jax.export.export(jax.jit(fn), platforms=platforms)(*_arguments(predictor))
+        blob = exported.serialize()
+    except PdmError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--platforms={','.join(platforms)}: cannot export ({first})") from err
+    meta = metadata(predictor, platforms, output_names(predictor))
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        with open(os.path.join(staging, MODEL_FILE), "wb") as handle:
+            handle.write(blob)
+        with open(os.path.join(staging, META_FILE), "w") as handle:
+            json.dump(meta, handle, indent=2, default=str)
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
