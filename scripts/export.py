@@ -1,7 +1,7 @@
 """A trained model as one self-contained artifact that runs where pdm-jax is not installed:
 
     python scripts/export.py --checkpoint=URI|WORKDIR --output=DIR [--step=best|latest|N]
-        [--platforms=cpu,cuda,tpu] [--intervals=calibrated|raw]
+        [--platforms=cpu,cuda,tpu] [--intervals=calibrated|raw] [--format=jax|onnx]
 
 Writes DIR/model.jaxexport (the prediction function, serialised by jax.export for every
 platform asked, any batch size) and DIR/model.json (its input columns, window, outputs and
@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated platforms to lower for: cpu, cuda, tpu, rocm (default: cpu)",
     )
     parser.add_argument(
+        "--format",
+        choices=["jax", "onnx"],
+        default="jax",
+        help="jax: model.jaxexport (default); onnx: model.onnx through jax2onnx (extra [onnx]), "
+        "float32 inputs with model.json's offsets subtracted",
+    )
+    parser.add_argument(
         "--intervals",
         choices=["calibrated", "raw"],
         default="calibrated",
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             step=args.step,
             platforms=args.platforms.split(","),
             intervals=args.intervals,
+            fmt=args.format,
         )
     except PdmError as err:
         sys.stderr.write(f"error: {err}\n")

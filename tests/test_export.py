@@ -18,6 +18,7 @@ from pdm_jax import inference
 from pdm_jax.data import cmapss
 from pdm_jax.errors import ConfigError
 from pdm_jax.inference import export
+from pdm_jax.inference.exported import raw_windows
 from tests.conftest import REPO
 from tests.test_parallel import _env
 
@@ -164,3 +165,28 @@ def test_predict_script_takes_an_export(exports, references, test_file, tmp_path
     assert list(got.columns) == list(ref.columns)
     for column in OUTPUTS:
         np.testing.assert_allclose(got[column], ref[column], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cnn", "tft"])
+def test_onnx_agrees_with_the_jax_export(runs, exports, test_file, tmp_path, name):
+    pytest.importorskip("jax2onnx", reason='ONNX export needs the extra: pip install ".[onnx]"')
+    ort = pytest.importorskip("onnxruntime", reason='pip install ".[onnx]"')
+    meta = export.export(str(runs[name]), str(tmp_path / "onnx"), fmt="onnx")
+    model = inference.load_exported(str(exports[name]))
+    source = inference.open_source(test_file, model.columns())
+    item = next(iter(inference.read_chunks(source)))
+    order = ["time" if c == meta["time_column"] else c for c in meta["columns"]]
+    values = item.table.frame[order].to_numpy(np.float64)
+    starts, stops = item.table.unit_bounds()
+    raw, length, head = raw_windows(values, starts, stops - 1, model.window, model.head)
+    expected = model(raw, length, head)
+    offset = np.asarray(meta["offsets"])  # float32 inputs, centred as model.json says
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    feeds = {"raw": (raw - offset).astype(np.float32), "length": length}
+    if "head" in meta["inputs"]:
+        feeds["head"] = (head - offset).astype(np.float32)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, feeds), strict=True))
+    assert sorted(got) == sorted(meta["outputs"])
+    for column in meta["outputs"]:
+        np.testing.assert_allclose(got[column], expected[column], rtol=1e-4, atol=1e-3)

@@ -19,6 +19,7 @@ Inputs, for a batch of B windows of W rows over the C columns `model.json` lists
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,10 +48,42 @@ def raw_columns(scaler: features.Scaler) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*scaler.settings, *scaler.features)))
 
 
-def make_function(predictor: Predictor) -> Any:
-    """fn(raw, length[, head]) -> {output column: [B]}: the whole path after windowing."""
+def offsets(scaler: features.Scaler) -> np.ndarray:
+    """Per raw column, a value near its training range (the settings' low end, each feature's
+    lowest minimum): what an ONNX model's float32 inputs have subtracted from them."""
+    columns = raw_columns(scaler)
+    out = np.zeros(len(columns))
+    for j, name in enumerate(scaler.features):
+        out[columns.index(name)] = scaler.mins[:, j].min()
+    for i, name in enumerate(scaler.settings):
+        out[columns.index(name)] = scaler.setting_low[i]
+    return out
+
+
+def _centred(scaler: features.Scaler) -> features.Scaler:
+    """The scaler for inputs with `offsets` subtracted: the same scaled values, from small
+    numbers float32 holds finely."""
+    off = offsets(scaler)
+    columns = raw_columns(scaler)
+    feat = off[[columns.index(c) for c in scaler.features]]
+    sets = off[[columns.index(c) for c in scaler.settings]]
+    return dataclasses.replace(
+        scaler,
+        mins=scaler.mins - feat,
+        maxs=scaler.maxs - feat,
+        setting_low=scaler.setting_low - sets,
+    )
+
+
+def make_function(predictor: Predictor, centred: bool = False) -> Any:
+    """fn(raw, length[, head]) -> {output column: [B]}: the whole path after windowing. With
+    `centred` (ONNX) the readings come in float32 with `offsets` subtracted, and everything
+    runs in float32."""
     scaler, window = predictor.scaler, predictor.window
     cycles, spec = predictor.baseline_cycles, predictor.spec
+    if centred:
+        scaler = _centred(scaler)
+    wide = jnp.float32 if centred else jnp.float64
     columns = raw_columns(scaler)
     settings = [columns.index(c) for c in scaler.settings]
     feats = [columns.index(c) for c in scaler.features]
@@ -69,10 +102,10 @@ def make_function(predictor: Predictor) -> Any:
         mask = age >= 1
         x = scale(raw)
         if levelled:  # in float64 too, like features.with_baseline
-            sums = jnp.cumsum(scale(head)[..., levelled].astype(jnp.float64), axis=1)
+            sums = jnp.cumsum(scale(head)[..., levelled].astype(wide), axis=1)
             count = jnp.clip(age, 1, cycles)
             level = jnp.take_along_axis(sums, (count - 1)[..., None], axis=1) / count[..., None]
-            delta = (x[..., levelled].astype(jnp.float64) - level).astype(jnp.float32)
+            delta = (x[..., levelled].astype(wide) - level).astype(jnp.float32)
             x = jnp.concatenate([x, delta], axis=-1)
         x = jnp.where(mask[..., None], x, jnp.float32(0.0))
         with jax.enable_x64(False):  # the model as it trained: 32-bit defaults throughout
@@ -140,15 +173,23 @@ def metadata(predictor: Predictor, platforms: Sequence[str], outputs: Sequence[s
     }
 
 
+FORMATS = ("jax", "onnx")
+ONNX_FILE = "model.onnx"
+
+
 def export(
     checkpoint: str,
     output: str,
     step: str | int = "best",
     platforms: Sequence[str] = ("cpu",),
     intervals: str = "calibrated",
+    fmt: str = "jax",
 ) -> dict[str, Any]:
-    """Writes `output/model.jaxexport` and `output/model.json`; returns the metadata. Written
-    into a temporary sibling and renamed, so a failure leaves no half-written directory."""
+    """Writes `output/model.jaxexport` (or `model.onnx`, `fmt='onnx'`) and `output/model.json`;
+    returns the metadata. Written into a temporary sibling and renamed, so a failure leaves no
+    half-written directory."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: expected one of {FORMATS}, got {fmt!r}")
     platforms = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown or not platforms:
@@ -157,29 +198,71 @@ def export(
         raise ConfigError(f"--output: {output} exists and is not empty")
     saved = read_saved(checkpoint, step)
     predictor = load(saved, dtype="float32", microbatch=0, intervals=intervals)
+    meta = metadata(predictor, platforms, output_names(predictor))
+    if fmt == "onnx":
+        files = {ONNX_FILE: _onnx(predictor)}
+        meta.update(format="onnx", platforms=[], offsets=offsets(predictor.scaler).tolist())
+    else:
+        files = {MODEL_FILE: _jax_export(predictor, platforms)}
+    files[META_FILE] = json.dumps(meta, indent=2, default=str).encode()
+    _write_all(output, files)
+    return meta
+
+
+def _jax_export(predictor: Predictor, platforms: tuple[str, ...]) -> bytes:
     fn = make_function(predictor)
     try:
         with jax.enable_x64(True):  # raw readings in float64, as the file holds them
             exported = jax.export.export(jax.jit(fn), platforms=platforms)(*_arguments(predictor))
-        blob = exported.serialize()
+        return exported.serialize()
     except PdmError:
         raise
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"--platforms={','.join(platforms)}: cannot export ({first})") from err
-    meta = metadata(predictor, platforms, output_names(predictor))
+        raise ConfigError(
+            f"--platforms={','.join(platforms)}: cannot export ({_first(err)})"
+        ) from err
+
+
+def _onnx(predictor: Predictor) -> bytes:
+    """The centred float32 function through jax2onnx (extra `[onnx]`), batch dimension 'B'."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise ConfigError('--format=onnx needs jax2onnx: pip install "pdm-jax[onnx]"') from None
+    fn = make_function(predictor, centred=True)
+    width = len(raw_columns(predictor.scaler))
+    shapes = [("B", predictor.window, width), ("B",)]
+    names = ["raw", "length"]
+    if features.levelled_columns(predictor.scaler, predictor.baseline_cycles):
+        shapes.append(("B", predictor.baseline_cycles, width))
+        names.append("head")
+    dtypes = [np.float32, np.int32, np.float32][: len(shapes)]
+    inputs = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    try:
+        model = to_onnx(fn, inputs, input_names=names, output_names=sorted(output_names(predictor)))
+    except Exception as err:
+        raise ConfigError(
+            f"--format=onnx: jax2onnx cannot convert the model ({_first(err)})"
+        ) from err
+    return model.SerializeToString()
+
+
+def _write_all(output: str, files: dict[str, bytes]) -> None:
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        with open(os.path.join(staging, MODEL_FILE), "wb") as handle:
-            handle.write(blob)
-        with open(os.path.join(staging, META_FILE), "w") as handle:
-            json.dump(meta, handle, indent=2, default=str)
+        for name, blob in files.items():
+            with open(os.path.join(staging, name), "wb") as handle:
+                handle.write(blob)
         if os.path.isdir(output):
             os.rmdir(output)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return meta
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
