@@ -1,8 +1,20 @@
-"""Typed user-facing errors.
+"""Typed user-facing errors, and the command-line parser the scripts report bad flags with.
 
 `main` turns these into one line on stderr and exit code 2 (DESIGN.md invariant 4), so their
 message must stand alone: name the file, row, column or config key, and what was expected.
 """
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A flag mistake reads like every other error of the scripts: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
 
 
 def first_line(exc: BaseException) -> str:

@@ -16,19 +16,12 @@ import argparse
 import json
 import logging
 import sys
-from typing import NoReturn
 
-from pdm_jax.errors import PdmError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+from pdm_jax.errors import OneLineParser, PdmError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint store URI or run directory")
     parser.add_argument("--output", required=True, help="directory to write (new or empty)")
     parser.add_argument(

@@ -20,21 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import NoReturn
 
-from pdm_jax.errors import PdmError
-
-
-class _Parser(argparse.ArgumentParser):
-    """A flag mistake reads like every other error here: one line, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+from pdm_jax.errors import OneLineParser, PdmError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint store URI or run directory")
     source.add_argument(

@@ -34,7 +34,7 @@ import numpy as np
 from pdm_jax import calibration, models, parallel, runinfo
 from pdm_jax.data import features
 from pdm_jax.data.table import TIME
-from pdm_jax.errors import ConfigError, PdmError
+from pdm_jax.errors import ConfigError, PdmError, first_line
 from pdm_jax.inference.exported import FORMAT_VERSION, META_FILE, MODEL_FILE
 from pdm_jax.inference.predictor import Predictor, load, read_saved
 from pdm_jax.inference.run import quantile_column
@@ -219,7 +219,7 @@ def _jax_export(predictor: Predictor, platforms: tuple[str, ...]) -> bytes:
         raise
     except Exception as err:
         raise ConfigError(
-            f"--platforms={','.join(platforms)}: cannot export ({_first(err)})"
+            f"--platforms={','.join(platforms)}: cannot export ({first_line(err)})"
         ) from err
 
 
@@ -242,7 +242,7 @@ def _onnx(predictor: Predictor) -> bytes:
         model = to_onnx(fn, inputs, input_names=names, output_names=sorted(output_names(predictor)))
     except Exception as err:
         raise ConfigError(
-            f"--format=onnx: jax2onnx cannot convert the model ({_first(err)})"
+            f"--format=onnx: jax2onnx cannot convert the model ({first_line(err)})"
         ) from err
     return model.SerializeToString()
 
@@ -261,8 +261,3 @@ def _write_all(output: str, files: dict[str, bytes]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _first(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
