@@ -8,6 +8,7 @@ the same MLflow run; a dead server costs one warning and nothing else.
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,10 @@ class MlflowServer(StorageServer):
     name = "mlflow server"
     probe_path = "/health"
     start_timeout_s = 90.0  # imports MLflow's whole server stack; slow on a busy 2-core machine
+
+    def _process_env(self) -> dict[str, str]:
+        # No background job runners (six huey consumer processes): the tests run no MLflow jobs.
+        return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def _command(self) -> list[str]:
         return [
