@@ -123,7 +123,7 @@ def test_no_trial_sees_a_test_score_until_final_scores_the_best_once(searched):
 
 
 def test_a_killed_worker_leaves_the_study_usable_and_a_rerun_completes_it(tmp_path):
-    proc = _worker(tmp_path, "killed", 2, 150, "--heartbeat_s=1")
+    proc = _worker(tmp_path, "killed", 1, 150, "--heartbeat_s=1")
     run = tmp_path / "runs" / "killed" / "trial-0000"
     deadline = time.monotonic() + 180
     # Killed once its first checkpoint is committed (Orbax renames a finished step's directory
@@ -136,10 +136,10 @@ def test_a_killed_worker_leaves_the_study_usable_and_a_rerun_completes_it(tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(2.5)  # past the grace period of two missed heartbeats
-    _finish(_worker(tmp_path, "killed", 2, 150, "--heartbeat_s=1"))
+    _finish(_worker(tmp_path, "killed", 1, 150, "--heartbeat_s=1"))
     study = _study(tmp_path, "killed")
     states = [t.state.name for t in study.trials]
-    assert states.count("FAIL") == 1 and states.count("COMPLETE") + states.count("PRUNED") == 2
+    assert states == ["FAIL", "COMPLETE"]  # the killed trial, then its retry
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retried) == 1 and retried[0].user_attrs["workdir"].endswith("trial-0000")
     report = json.loads((run / "report.json").read_text())
