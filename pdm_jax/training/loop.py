@@ -1,11 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop, early stopping and the test report.
 
-One readable loop (big_vision style), no callbacks: the platform layout decides how the fixed
-global batch is split over devices, processes and microbatches; batches come from the grain
-pipeline; a jitted, sharded step updates replicated state; the validation units are scored every
-`eval_every` steps with early stopping on their RMSE; then the best parameters are scored on each
-test unit's last window. The learning-rate schedule has its own length (`schedule_steps`),
-independent of `num_steps`, so a longer run continues a shorter one exactly.
+One readable loop (big_vision style), no callbacks but `on_eval` (a search's pruner): the
+platform layout decides how the fixed global batch is split over devices, processes and
+microbatches; batches come from the grain pipeline; a jitted, sharded step updates replicated
+state; the validation units are scored every `eval_every` steps with early stopping on their
+RMSE; then the best parameters are scored on each test unit's last window. The learning-rate
+schedule has its own length (`schedule_steps`), independent of `num_steps`, so a longer run
+continues a shorter one exactly.
 
 Checkpoints (`pdm_jax.checkpoint`) hold everything the loop needs to continue at exactly the
 same point: rerunning the same command resumes from the latest complete step.
