@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pdm_jax import configuration, jsonio
-from pdm_jax.errors import ConfigError
+from pdm_jax.errors import ConfigError, first_line
 from pdm_jax.training import evaluation, loop
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,16 @@ def load_space(path: str) -> Callable[[Any], dict[str, Any]]:
 
 
 def with_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
-    """A copy of `config` with dotted-key overrides applied and checked (a deep copy keeps
-    references such as checkpoint.every_steps following train.eval_every)."""
+    """A copy of `config` with dotted-key overrides applied and checked. The copy is deep (so
+    references such as checkpoint.every_steps keep following train.eval_every) and locked (so a
+    key the config lacks is refused, not added)."""
     config = copy.deepcopy(config)
+    config.lock()
     for key, value in overrides.items():
-        node, *path = config, *key.split(".")
         try:
-            for part in path[:-1]:
-                node = node[part]
-            node[path[-1]] = value
+            config.update_from_flattened_dict({key: value})
         except (KeyError, AttributeError, TypeError) as err:
-            raise ConfigError(f"space: config.{key}: {err}") from None
+            raise ConfigError(f"space: config.{key}: {first_line(err)}") from None
     configuration.validate(config)
     return config
 

@@ -144,3 +144,16 @@ def test_a_killed_worker_leaves_the_study_usable_and_a_rerun_completes_it(tmp_pa
     assert len(retried) == 1 and retried[0].user_attrs["workdir"].endswith("trial-0000")
     report = json.loads((run / "report.json").read_text())
     assert report["resumed_from_step"] >= 5  # the retry resumed the killed trial's checkpoint
+
+
+def test_a_space_key_the_config_lacks_is_refused_not_added():
+    from pdm_jax import tuning
+    from pdm_jax.errors import ConfigError
+    from tests.conftest import load_config
+
+    config = load_config("cnn_bilstm")
+    with pytest.raises(ConfigError, match=r"space: config\.train\.learnig_rate"):
+        tuning.with_overrides(config, {"train.learnig_rate": 1e-3})
+    before = config.train.eval_every
+    tuned = tuning.with_overrides(config, {"train.eval_every": 7})
+    assert tuned.checkpoint.every_steps == 14 and config.train.eval_every == before != 7
