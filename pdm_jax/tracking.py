@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pdm_jax import jsonio
+from pdm_jax.errors import first_line
 
 log = logging.getLogger(__name__)
 KEY_TAG = "pdm_jax.run_key"
@@ -114,12 +115,13 @@ class Tracker:
                 continue
             if kind == "metrics":
                 payload = self._more_metrics(payload)
-            action = {"connect": self._connect, "metrics": self._log_metrics}.get(kind)
+            actions = {"connect": self._connect, "metrics": self._log_metrics}
+            action = actions.get(kind, self._finish)
             try:
-                self._retrying(action or self._finish, payload)
+                self._retrying(action, payload)
             except Exception as err:  # any failure of someone else's server
                 self._dead = True
-                self._warn(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                self._warn(f"{type(err).__name__}: {first_line(err)[:200]}")
 
     def _retrying(self, action: Any, payload: Any) -> None:
         for attempt in range(self.attempts):
@@ -158,38 +160,35 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self._client = client = MlflowClient(tracking_uri=self.uri)
-        run = self._find(client)
-        if run is None:
-            run = self._create(client)
-        else:
+        run = self._find_or_create(client)
+        if run.info.status != "RUNNING":  # a run this one resumes
             client.update_run(run.info.run_id, status="RUNNING")
-            for key in run.data.metrics:
-                history = client.get_metric_history(run.info.run_id, key)
-                self._done[key] = max((m.step for m in history), default=-1)
+        for key in run.data.metrics:
+            history = client.get_metric_history(run.info.run_id, key)
+            self._done[key] = max((m.step for m in history), default=-1)
         self.run_id = run.info.run_id
         self._log_params(run)
         self._record_id()
         log.info("MLflow run %s at %s", self.run_id, _safe(self.uri))
 
-    def _find(self, client: Any) -> Any:
+    def _find_or_create(self, client: Any) -> Any:
+        """The MLflow run by its id, else by this run's key tag, else a new one (in the
+        experiment, created when missing)."""
         if self.run_id:
             return client.get_run(self.run_id)
-        experiment = client.get_experiment_by_name(self._config.tracking.experiment)
-        if experiment is None:
-            return None
-        found = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{self.key}'"
-        )
-        return found[0] if found else None
-
-    def _create(self, client: Any) -> Any:
         name = self._config.tracking.experiment
         experiment = client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(name, artifact_location=_local_artifacts(self.uri))
-        )
+        if experiment is not None:
+            found = client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{self.key}'"
+            )
+            if found:
+                return found[0]
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = client.create_experiment(
+                name, artifact_location=_local_artifacts(self.uri)
+            )
         run_name = self._config.tracking.run_name or os.path.basename(os.path.abspath(self.workdir))
         return client.create_run(experiment_id, run_name=run_name, tags=self._tags())
 
