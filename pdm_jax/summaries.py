@@ -2,8 +2,8 @@
 
 One writer feeds both (and the MLflow tracker, when one is set) so they never disagree.
 TensorBoard files come from tensorboardX (pure Python, protobuf only): the event format without
-TensorFlow. Only the primary process writes;
-the others hold a writer that does nothing, so call sites need no rank checks.
+TensorFlow. Only the primary process writes; the others hold a writer that does nothing, so call
+sites need no rank checks.
 """
 
 from __future__ import annotations

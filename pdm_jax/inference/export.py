@@ -92,8 +92,9 @@ def make_function(predictor: Predictor, centred: bool = False) -> Any:
     quantiles, calibrated = spec.quantiles, predictor.calibrated
 
     def scale(rows: jax.Array) -> jax.Array:
-        """float64 as training scaled (C-MAPSS' s_8 and s_13 sit near 2388 with a range of
-        0.7: float32 readings alone would move their scaled values by ~5e-4)."""
+        """In the readings' dtype: float64 as training scaled (C-MAPSS' s_8 and s_13 sit near
+        2388 with a range of 0.7, where float32 would move their scaled values by ~5e-4), or
+        float32 on centred readings, which are small enough for it."""
         cond = scaler.condition_of(rows[..., settings], jnp)
         return scaler.scale(rows[..., feats], cond, jnp).astype(jnp.float32)
 
@@ -127,23 +128,23 @@ def output_names(predictor: Predictor) -> list[str]:
     return ["rul_pred", *(quantile_column(q) for q in table)]
 
 
-def _arguments(predictor: Predictor) -> list[jax.ShapeDtypeStruct]:
-    (batch,) = jax.export.symbolic_shape("b")
-    width = len(raw_columns(predictor.scaler))
-    args = [
-        jax.ShapeDtypeStruct((batch, predictor.window, width), np.float64),
-        jax.ShapeDtypeStruct((batch,), np.int32),
-    ]
-    if features.levelled_columns(predictor.scaler, predictor.baseline_cycles):
-        args.append(jax.ShapeDtypeStruct((batch, predictor.baseline_cycles, width), np.float64))
-    return args
+def input_specs(predictor: Predictor, batch: Any, reading: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The exported function's inputs by name: `raw`, `length`, and `head` when the model reads
+    baseline inputs; readings of dtype `reading`, `batch` windows (a symbolic dimension)."""
+    width, cycles = len(raw_columns(predictor.scaler)), predictor.baseline_cycles
+    specs = {
+        "raw": jax.ShapeDtypeStruct((batch, predictor.window, width), reading),
+        "length": jax.ShapeDtypeStruct((batch,), np.int32),
+    }
+    if features.levelled_columns(predictor.scaler, cycles):
+        specs["head"] = jax.ShapeDtypeStruct((batch, cycles, width), reading)
+    return specs
 
 
 def metadata(predictor: Predictor, platforms: Sequence[str], outputs: Sequence[str]) -> dict:
     """model.json: what a consumer needs to cut windows and read the outputs."""
     data = predictor.config.data
-    cycles = predictor.baseline_cycles
-    head = bool(features.levelled_columns(predictor.scaler, cycles))
+    inputs = list(input_specs(predictor, 1, np.float64))
     return {
         "format_version": FORMAT_VERSION,
         "model": predictor.spec.name,
@@ -157,8 +158,8 @@ def metadata(predictor: Predictor, platforms: Sequence[str], outputs: Sequence[s
         "known_columns": sorted(predictor.columns.known),
         "nan_policy": data.nan_policy,
         "window": predictor.window,
-        "baseline_cycles": cycles if head else 0,
-        "inputs": ["raw", "length", *(["head"] if head else [])],
+        "baseline_cycles": predictor.baseline_cycles if "head" in inputs else 0,
+        "inputs": inputs,
         "outputs": list(outputs),
         "rul_cap": data.rul_cap,
         "intervals": "calibrated" if predictor.calibrated is not None else "raw",
@@ -213,7 +214,9 @@ def _jax_export(predictor: Predictor, platforms: tuple[str, ...]) -> bytes:
     fn = make_function(predictor)
     try:
         with jax.enable_x64(True):  # raw readings in float64, as the file holds them
-            exported = jax.export.export(jax.jit(fn), platforms=platforms)(*_arguments(predictor))
+            (batch,) = jax.export.symbolic_shape("b")
+            args = input_specs(predictor, batch, np.float64).values()
+            exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
         return exported.serialize()
     except PdmError:
         raise
@@ -230,16 +233,14 @@ def _onnx(predictor: Predictor) -> bytes:
     except ImportError:
         raise ConfigError('--format=onnx needs jax2onnx: pip install "pdm-jax[onnx]"') from None
     fn = make_function(predictor, centred=True)
-    width = len(raw_columns(predictor.scaler))
-    shapes = [("B", predictor.window, width), ("B",)]
-    names = ["raw", "length"]
-    if features.levelled_columns(predictor.scaler, predictor.baseline_cycles):
-        shapes.append(("B", predictor.baseline_cycles, width))
-        names.append("head")
-    dtypes = [np.float32, np.int32, np.float32][: len(shapes)]
-    inputs = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    specs = input_specs(predictor, "B", np.float32)
     try:
-        model = to_onnx(fn, inputs, input_names=names, output_names=sorted(output_names(predictor)))
+        model = to_onnx(
+            fn,
+            list(specs.values()),
+            input_names=list(specs),
+            output_names=sorted(output_names(predictor)),
+        )
     except Exception as err:
         raise ConfigError(
             f"--format=onnx: jax2onnx cannot convert the model ({first_line(err)})"
