@@ -161,6 +161,11 @@ def get_config() -> ml_collections.ConfigDict:
     ckpt.keep = 3  # the last N complete steps are kept ...
     ckpt.keep_best = True  # ... plus the best by validation RMSE (every_steps % eval_every == 0)
     ckpt.resume_from = config_dict.placeholder(str)
+    # One run per workdir and store (docs/checkpoints.md): a record left by a run on another
+    # host is taken over once its heartbeat is this old (a dead process on this host at once);
+    # take_over=True takes over at once, for an operator who knows the other run is dead.
+    ckpt.owner_timeout_s = 300.0
+    ckpt.take_over = False
 
     # MLflow tracking (extra `pip install "pdm-jax[tracking]"`): with a URI (http(s)://host:port,
     # sqlite:///file.db, databricks), process 0 logs params, metrics, tags and the run's files

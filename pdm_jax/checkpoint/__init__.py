@@ -16,10 +16,12 @@ TensorStore too, committed by a commit file (S3 has no rename), with `checkpoint
 `checkpoint.azure` lets Orbax save locally, then uploads the step and writes a commit marker.
 
 Modules: `store` (the store and its fault handling), `meta` (format version, config
-compatibility), `uri` (schemes and packages), `faults` (unreachable storage), `managers` (Orbax
-options and retention), `s3`, `azure` and `azure_client` (the backends).
+compatibility), `owner` (one run per workdir and store), `clock` (when to save), `uri`
+(schemes and packages), `faults` (unreachable storage), `managers` (Orbax options and
+retention), `s3`, `azure` and `azure_client` (the backends).
 """
 
+from pdm_jax.checkpoint.clock import SaveClock
 from pdm_jax.checkpoint.faults import MAX_PROBES, PROBE_S, describe_error, is_unreachable
 from pdm_jax.checkpoint.managers import preservation_policy
 from pdm_jax.checkpoint.meta import (
@@ -31,6 +33,7 @@ from pdm_jax.checkpoint.meta import (
     config_differences,
     with_added_keys,
 )
+from pdm_jax.checkpoint.owner import InUseError, Ownership
 from pdm_jax.checkpoint.store import SAVE_WAIT_S, CheckpointStore
 from pdm_jax.checkpoint.uri import CLOUD_PACKAGES, SCHEMES, require_packages, resolve_uri, scheme_of
 
@@ -46,6 +49,9 @@ __all__ = [
     "SCHEMES",
     "STATE",
     "CheckpointStore",
+    "InUseError",
+    "Ownership",
+    "SaveClock",
     "config_differences",
     "describe_error",
     "is_unreachable",

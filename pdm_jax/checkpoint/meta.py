@@ -46,6 +46,8 @@ RESUMABLE_CHANGES = (
 # what the code did before the key existed: a checkpoint saved without one reads as having that
 # value, so adding a key never strands a run that can still resume exactly.
 ADDED_KEYS: dict[str, Any] = {
+    "checkpoint.owner_timeout_s": 300.0,
+    "checkpoint.take_over": False,
     "data.baseline_cycles": 0,
     "data.min_history": 0,
     "data.use_time": False,

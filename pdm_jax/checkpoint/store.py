@@ -277,11 +277,12 @@ class CheckpointStore:
         """(state laid out like `target`, meta) of `step` (default: the latest complete one).
 
         `target` holds arrays or `jax.ShapeDtypeStruct`s with the shardings wanted now, so a
-        state saved on 8 devices restores onto 1, or the reverse. A step that cannot be read
-        (a file missing or truncated) is skipped with a warning for the one before it; the
-        returned meta says which step was restored.
+        state saved on 8 devices restores onto 1, or the reverse; None restores the state as
+        saved, into host arrays. A step that cannot be read (a file missing or truncated) is
+        skipped with a warning for the one before it; the returned meta says which step was
+        restored.
         """
-        abstract = jax.tree.map(_abstract, target)
+        abstract = None if target is None else jax.tree.map(_abstract, target)
         out, meta = self._restore_usable(
             step, {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
         )

@@ -185,7 +185,7 @@ def evaluate_checkpoint(config: Any, workdir: str, data_dir: str | None = None) 
     """`--mode=eval`: the best parameters of the latest complete checkpoint (this run's store, or
     `checkpoint.resume_from`) scored on the validation and test units; writes report.json and
     plots/."""
-    run = build(config, workdir, data_dir)
+    run = build(config, workdir, data_dir, own=False)
     uri = checkpoint.resolve_uri(run.config.checkpoint.uri, workdir)
     own = None if surely_empty(uri) else checkpoint.CheckpointStore(uri, create=False)
     try:

@@ -35,6 +35,7 @@ from pdm_jax import (
     tracking,
 )
 from pdm_jax.data import dataset
+from pdm_jax.errors import PdmError
 from pdm_jax.optim import eval_params
 from pdm_jax.progress import Progress
 from pdm_jax.summaries import MetricWriter
@@ -197,31 +198,12 @@ def _train_record(loop: Loop, losses: list[Any], step: int, first: int) -> dict[
     }
 
 
-class SaveClock:
-    """When to save: every `every_steps`, every `every_minutes` (agreed across processes), and
-    on the way out (early stop, stop signal, last step)."""
-
-    def __init__(self, config: Any):
-        self.every_steps = int(config.checkpoint.every_steps)
-        self.every_s = float(config.checkpoint.every_minutes) * 60
-        self.last = time.monotonic()
-
-    def due(self, step: int, sync: bool) -> bool:
-        if self.every_steps and step % self.every_steps == 0:
-            return True
-        late = time.monotonic() - self.last >= self.every_s
-        return bool(sync and self.every_s and parallel.agree(late))
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
 def _run_steps(loop: Loop, now: Progressing, stop: preempt.StopSignal) -> int:
     """Steps `now.first`..`num_steps` (or until early stopping or a stop signal); the last step
     run. Saves as `SaveClock` says; logs and evaluates as the config says."""
     run, train_cfg = loop.run, loop.run.config.train
     eval_every, log_every = int(train_cfg.eval_every), int(train_cfg.log_every)
-    clock, losses = SaveClock(run.config), []
+    clock, losses = checkpoint.SaveClock(run.config.checkpoint), []
     progress = Progress(loop.num_steps, "steps", f"training {run.spec.name}", enabled=run.primary)
     progress.count = now.first - 1
     step = now.first - 1
@@ -265,7 +247,7 @@ def _checkpoint_and_stop(
     now: Progressing,
     step: int,
     val_rmse: float | None,
-    clock: SaveClock,
+    clock: checkpoint.SaveClock,
     stop: preempt.StopSignal,
 ) -> bool:
     """Saves when due; True when the loop ends here (early stopping or a stop signal)."""
@@ -274,6 +256,10 @@ def _checkpoint_and_stop(
     # Signals and the save clock need a collective across processes: check those every
     # SYNC_EVERY steps there, every step on one process (free).
     sync = jax.process_count() == 1 or step % SYNC_EVERY == 0
+    owner = loop.run.owner
+    if sync and parallel.agree(owner is not None and owner.lost is not None):
+        lost = owner.lost if owner is not None else "process 0 lost the run's workdir or store"
+        raise PdmError(f"{lost}; this run stopped at step {step} without saving it")
     preempted = sync and stop.agreed(step)
     if clock.due(step, sync) or stopping or preempted or step == loop.num_steps:
         _save(loop, now, step, val_rmse)
@@ -338,8 +324,17 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains, early-stops on validation RMSE, writes metrics.jsonl, tb/, report.json, plots/
     (and the same to MLflow when `tracking.mlflow_uri` is set). `on_eval(step, rmse)` sees each
-    validation score (the one selection uses) and may end the run by raising `Halted`."""
+    validation score (the one selection uses) and may end the run by raising `Halted`. The run
+    owns its workdir and checkpoint store until it ends (`checkpoint.Ownership`)."""
     run = state.build(config, workdir, data_dir)
+    try:
+        return _train(run, workdir, test, on_eval)
+    finally:
+        if run.owner is not None:
+            run.owner.release()
+
+
+def _train(run: state.Run, workdir: str, test: bool, on_eval: Any) -> dict[str, Any]:
     loop = _open(run, workdir)
     loop.on_eval = on_eval
     now = _start(loop)

@@ -28,7 +28,7 @@ from pdm_jax import (
     runinfo,
 )
 from pdm_jax.data import dataset
-from pdm_jax.errors import ConfigError, DataError
+from pdm_jax.errors import ConfigError, DataError, PdmError
 from pdm_jax.models import layers
 from pdm_jax.optim import make_optimizer
 from pdm_jax.summaries import read_metrics
@@ -197,14 +197,53 @@ class Run(NamedTuple):
     opt_state: Any
     options: dict[str, Any]
     primary: bool
+    owner: checkpoint.Ownership | None = None  # released by whoever ends the run
 
 
-def build(config: Any, workdir: str, data_dir: str | None = None) -> Run:
+def claim(config: Any, workdir: str) -> checkpoint.Ownership | None:
+    """Process 0 claims the workdir and the checkpoint store for the whole run (the other
+    processes are the same run, not strangers); every process stops if it cannot."""
+    owner, error = None, None
+    if jax.process_index() == 0:
+        places = [os.path.abspath(workdir), checkpoint.resolve_uri(config.checkpoint.uri, workdir)]
+        # A config read back from an older run's config.json may lack the owner keys.
+        ckpt = checkpoint.with_added_keys(config.to_dict())["checkpoint"]
+        try:
+            owner = checkpoint.Ownership(places, ckpt["owner_timeout_s"], ckpt["take_over"]).claim()
+        except PdmError as err:
+            error = err
+    if parallel.agree(error is not None):
+        raise error or PdmError("process 0 could not claim the workdir and checkpoint store")
+    return owner
+
+
+def build(config: Any, workdir: str, data_dir: str | None = None, own: bool = True) -> Run:
     """Platform layout, resolved config, data, model and optimizer state on the mesh; writes
-    config.json and run_info.json (process 0)."""
+    config.json and run_info.json (process 0). `own`: claim the workdir and the store first
+    (a writer; `--mode=eval` only reads)."""
     parallel.initialize(config)
     given = config
     detected, layout, config, options = setup(config)
+    owner = claim(config, workdir) if own else None
+    try:
+        return _build(config, given, workdir, data_dir, detected, layout, options)._replace(
+            owner=owner
+        )
+    except BaseException:
+        if owner is not None:
+            owner.release()
+        raise
+
+
+def _build(
+    config: Any,
+    given: Any,
+    workdir: str,
+    data_dir: str | None,
+    detected: Any,
+    layout: hardware.Layout,
+    options: dict[str, Any],
+) -> Run:
     primary = jax.process_index() == 0
     resolved = configuration.describe(configuration.changes(given, config))
     log.info("resolved: %s", resolved or "nothing was 'auto'")
