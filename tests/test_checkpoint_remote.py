@@ -258,6 +258,34 @@ def test_a_damaged_latest_step_falls_back_to_the_one_before(
     assert "; step 1: " in message and "\n" not in message
 
 
+@on_failure_paths
+def test_a_flipped_byte_in_the_latest_step_is_found_and_the_one_before_restored(
+    store_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orbax and TensorStore read a flipped bit back without complaint; the SHA-256 sums
+    recorded after each commit (on az://, the commit marker's) catch it."""
+    first, second = tiny_state(seed=1), tiny_state(seed=2)
+    with CheckpointStore(store_uri) as store:
+        store.save(1, first, META)
+        store.save(2, second, META)
+        assert store.wait()
+    fs, root = fsspec.core.url_to_fs(store_uri)
+    path = max(fs.find(f"{root}/2/state"), key=lambda p: fs.size(p) if "/d/" in p else -1)
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0x10
+    fs.pipe_file(path, bytes(data))
+    caplog.set_level(logging.WARNING)
+    with CheckpointStore(store_uri, create=False) as again:
+        assert again.restore_meta()["step"] == 2  # the meta item is intact and still reads
+        restored, meta = again.restore(as_target(first))
+    assert meta == full_meta(1)
+    assert_bitwise(restored, first)
+    warning = next(m for m in warnings_of(caplog) if "step 2" in m)
+    assert "unusable" in warning and "trying step 1" in warning
+    expected = "SHA-256" if store_uri.startswith("az://") else "differs from the SHA-256"
+    assert expected in warning, warning
+
+
 def test_resolve_uri_accepts_object_stores_and_names_the_config_key_otherwise() -> None:
     for uri in ("s3://bucket/run", "gs://bucket/a/b", "az://container/run", "s3://bucket"):
         assert checkpoint.resolve_uri(uri, "/w") == uri

@@ -8,9 +8,15 @@ Azure backend word their errors through `describe_error`, so no secret reaches a
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
+import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
+
+from pdm_jax.errors import PdmError
 
 # How long save() waits for gs:// or s3:// to answer a listing before it skips its step. The
 # clients' own retries take ~10 s (s3fs) to ~30 s (gcsfs) to give up on a stopped server.
@@ -32,6 +38,9 @@ _UNREACHABLE_TYPES = frozenset(
     }
 )
 _UNREACHABLE_TEXT = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "retry attempts failed", "CURL error")
+# What a full disk or an exhausted quota says, through OSError or TensorStore's status text.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 _SECRET = re.compile(
     r"(?i)\b([\w-]*(?:sig|signature|key|token|secret|password|credential))=([^&;\s'\"]+)"
 )
@@ -62,6 +71,21 @@ def is_unreachable(err: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def full_reason(err: BaseException) -> str | None:
+    """ "No space left on device" (or the quota's text) if `err` or its cause says so."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return os.strerror(current.errno)
+        for text in _FULL_TEXT:
+            if text in str(current):
+                return text
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class Prober:
@@ -115,3 +139,53 @@ class Prober:
         fs, root = fsspec.core.url_to_fs(self.uri)
         with contextlib.suppress(FileNotFoundError):  # nothing saved yet is still an answer
             fs.ls(root, refresh=True)
+
+
+# Saves in a row that may fail for lack of space before the run ends: a full disk seldom frees
+# itself, and every further step trained would be lost again.
+FULL_TRIES = 3
+
+
+class StorageFullError(PdmError):
+    """The checkpoint storage has no room left for a step."""
+
+
+class FullStorage:
+    """Saves that failed for lack of space, in a row: `check` ends the run once there are
+    FULL_TRIES of them (or one, for the run's last save)."""
+
+    def __init__(self, uri: str, scheme: str) -> None:
+        self.uri, self.scheme = uri, scheme
+        self.failed: list[tuple[int, str]] = []  # (step, reason)
+
+    def note(self, step: int, err: BaseException) -> None:
+        """Counts a save that failed for lack of space and removes what it wrote (locally), so
+        the next try has the room the failed one took."""
+        reason = full_reason(err)
+        if reason is None:
+            return
+        self.failed.append((step, reason))
+        self._remove_partial(step)
+
+    def _remove_partial(self, step: int) -> None:
+        if self.scheme == "file":
+            for partial in glob.glob(os.path.join(glob.escape(self.uri), f"{step}.orbax-*")):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def clear(self) -> None:
+        self.failed = []
+
+    def check(self, latest: int | None, final: bool = False) -> None:
+        """StorageFullError, once, naming the failed steps and the step a rerun resumes from."""
+        if len(self.failed) < (1 if final else FULL_TRIES):
+            return
+        steps = ", ".join(str(step) for step, _ in self.failed)
+        reason = self.failed[-1][1]
+        for step, _ in self.failed:  # again: writer threads may have outlived the first sweep
+            self._remove_partial(step)
+        self.failed = []
+        raise StorageFullError(
+            f"checkpoint storage {self.uri} is full ({reason}): saving step(s) {steps} failed; "
+            f"the latest complete step is {latest}. Free space or set checkpoint.uri elsewhere, "
+            "then rerun to resume from it"
+        )

@@ -9,8 +9,11 @@ committed, so a crash mid-save leaves the previous step as the latest.
 Storage faults must not stop training: a background save that fails is a warning and leaves the
 previous step as the latest; `save()` never raises for storage trouble and, when the storage does
 not answer, skips its step after a bounded wait (SAVE_WAIT_S, PROBE_S) instead of blocking; the
-next save after an outage starts clean. A committed step that cannot be read back (a file
-truncated or deleted) makes `restore` warn and fall back to the step before it.
+next save after an outage starts clean. A full storage is the exception: it ends the run with
+one line after FULL_TRIES saves in a row (or the run's last save) failed for lack of space
+(`faults.FullStorage`), since every further step would be lost too. A committed step that
+cannot be read back (a file truncated or deleted, or bytes that differ from the SHA-256 sums
+recorded after its commit) makes `restore` warn and fall back to the step before it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pdm_jax import parallel
+from pdm_jax.checkpoint import checksums
 from pdm_jax.checkpoint.azure import AzureCheckpointManager
-from pdm_jax.checkpoint.faults import PROBE_S, Prober, describe_error, is_unreachable
+from pdm_jax.checkpoint.faults import (
+    PROBE_S,
+    FullStorage,
+    Prober,
+    describe_error,
+    is_unreachable,
+)
 from pdm_jax.checkpoint.managers import orbax_manager, preservation_policy
 from pdm_jax.checkpoint.meta import META, STATE, check_format, stamp
 from pdm_jax.checkpoint.uri import require_packages, scheme_of
@@ -89,6 +99,7 @@ class CheckpointStore:
         # old steps it meant to delete); listed until storage can be re-read.
         self._hidden: set[int] = set()
         self._before: set[int] = set()
+        self._full = FullStorage(uri, self.scheme)
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -112,11 +123,15 @@ class CheckpointStore:
         """Starts an async save of `step`; returns once the arrays are copied off the devices.
 
         Storage trouble never raises here: it is logged, and False says no save was started
-        (the storage did not answer, or this save failed to start).
+        (the storage did not answer, or this save failed to start). The one exception is a
+        full storage: after FULL_TRIES saves in a row failed for lack of space, StorageFullError.
         """
         step = int(step)
         meta = stamp(meta, step)
-        if not self._settle(step) or not self._probe(step):
+        if not self._settle(step):
+            return False
+        self._full.check(self.latest_step())
+        if not self._probe(step):
             return False
         if step in self._unusable:
             self._discard(step)
@@ -137,6 +152,7 @@ class CheckpointStore:
                 raise  # a bug or a bad state, not storage trouble
             self._resync, self._last_ok = True, False
             self._hidden |= self._before - set(self._manager.all_steps())
+            self._full.note(step, err)
             log.warning(
                 "checkpoint step %d was not saved to %s (%s); the latest complete step stays %s",
                 step,
@@ -160,6 +176,7 @@ class CheckpointStore:
         except Exception as err:
             self._watch_failed, self._resync, self._last_ok = True, True, False
             self._hidden |= self._before - set(self._manager.all_steps())
+            self._full.note(step, err)
             log.warning(
                 "checkpoint step %d could not be written to %s (%s); it is not committed and "
                 "the latest complete step stays %s",
@@ -170,6 +187,8 @@ class CheckpointStore:
             )
             return
         self._last_ok = True
+        self._full.clear()
+        self._record_checksums(step)
         if self._resync:
             # A failed save drops the steps it meant to delete from Orbax's memory although
             # they are still stored; re-listing brings them back under retention.
@@ -183,6 +202,20 @@ class CheckpointStore:
                     self.uri,
                     describe_error(err),
                 )
+
+    def _record_checksums(self, step: int) -> None:
+        """Process 0 sums the committed step's files (all processes' files are in by now)."""
+        if self.scheme == "az" or jax.process_index() != 0:
+            return  # the Azure commit marker holds them already
+        try:
+            checksums.record(self.uri, step)
+        except Exception as err:
+            log.warning(
+                "checksums of step %d in %s were not recorded (%s); it restores unchecked",
+                step,
+                self.uri,
+                describe_error(err),
+            )
 
     def _settle(self, step: int) -> bool:
         """Lets the previous save finish first; False (skip this step) if storage is down.
@@ -301,6 +334,8 @@ class CheckpointStore:
         problems: list[str] = []
         for i, current in enumerate(candidates):
             try:
+                if self.scheme != "az":
+                    checksums.verify(self.uri, current, items)
                 out = self._manager.restore(current, args=ocp.args.Composite(**items))
                 meta = dict(out[META])
             except Exception as err:
@@ -335,11 +370,13 @@ class CheckpointStore:
         return self._last_ok
 
     def close(self) -> None:
+        """Waits for the save in flight; StorageFullError if it failed for lack of space."""
         self.wait()
         try:
             self._manager.close()
         except Exception as err:
             log.warning("closing checkpoint store %s: %s", self.uri, describe_error(err))
+        self._full.check(self.latest_step(), final=True)
 
     def __enter__(self) -> CheckpointStore:
         return self
