@@ -8,7 +8,9 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 
+import fsspec
 import jax
 import numpy as np
 import pandas as pd
@@ -21,6 +23,8 @@ from pdm_jax.inference import export
 from pdm_jax.inference.exported import raw_windows
 from tests.conftest import REPO
 from tests.test_parallel import _env
+
+pytest_plugins = ["tests.servers"]
 
 OUTPUTS = ("rul_pred", "rul_p10", "rul_p90")
 
@@ -141,6 +145,21 @@ def test_bad_requests_are_one_line_and_leave_nothing(runs, tmp_path, test_file):
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_export_from_s3_writes_no_credential(runs, s3_env, tmp_path, monkeypatch):
+    """model.json records where the model came from; the credentials that reached it do not
+    travel with the model."""
+    secret = f"pdm-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    uri = s3_env.make_bucket() + "/run/checkpoints"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(runs["cnn"] / "checkpoints"), uri.removeprefix("s3://"), recursive=True)
+    export.export(uri, str(tmp_path / "model"))
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert uri in json.dumps(meta)
+    written = b"".join(p.read_bytes() for p in (tmp_path / "model").rglob("*") if p.is_file())
+    assert secret.encode() not in written
 
 
 def test_predict_script_takes_an_export(exports, references, test_file, tmp_path):

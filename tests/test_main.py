@@ -44,9 +44,13 @@ def test_bad_config_value_is_one_line_exit_2(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors == ["error: config.data.window: expected an integer > 0, got 0"]
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
-    proc = _main("--config=configs/tft.py", f"--workdir={tmp_path}", "--config.data.subset=FD009")
-    assert proc.returncode == 2 and "config.data.subset" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # A password inside the tracking URI is refused without being repeated anywhere.
+    uri = "https://alice:pdm-secret-4c7e@mlflow.example.com"
+    proc = _main(
+        "--config=configs/tft.py", f"--workdir={tmp_path}", f"--config.tracking.mlflow_uri={uri}"
+    )
+    assert proc.returncode == 2 and "config.tracking.mlflow_uri" in proc.stderr
+    assert "pdm-secret" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdm_jax.checkpoint import InUseError, Ownership
+from pdm_jax import training
+from pdm_jax.checkpoint import CheckpointStore, InUseError, Ownership
 from pdm_jax.checkpoint.owner import _backend
+from pdm_jax.errors import PdmError
+from tests.conftest import tiny_cnn_config
 
 pytest_plugins = ["tests.servers"]
 
@@ -58,6 +61,16 @@ def _leave(place: str, **fields) -> None:
 def test_a_second_run_is_refused_naming_the_owner_and_the_record_goes_at_the_end(place):
     with Ownership([place]) as first:
         record = _record(place)
+        # Who and when, nothing else: no command line, no environment, no credential.
+        assert set(record) == {
+            "token",
+            "host",
+            "pid",
+            "pid_start",
+            "boot_id",
+            "started",
+            "heartbeat",
+        }
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
         assert record["token"] == first.record["token"]
         with pytest.raises(InUseError) as refused:
@@ -134,3 +147,29 @@ def test_the_heartbeat_refreshes_the_record(tmp_path):
         first = _record(place)["heartbeat"]
         time.sleep(0.35)
         assert _record(place)["heartbeat"] > first
+
+
+def test_a_training_run_whose_record_is_taken_over_stops_without_saving(tmp_path):
+    """In-process: at step 20's evaluation another run takes the workdir over; the heartbeat
+    (every 0.25 s here) sees it, and the loop stops before step 20's save."""
+    cfg = tiny_cnn_config()
+    cfg.data.window = 10
+    cfg.train.update(num_steps=40, batch_size=32, eval_every=10, log_every=10, patience=0)
+    cfg.train.update(tensorboard=False, plots=False)
+    cfg.checkpoint.update(every_steps=10, owner_timeout_s=1.0)
+    workdir = tmp_path / "run"
+
+    def take_over(step: int, rmse: float) -> None:
+        if step == 20:
+            _leave(str(workdir))
+            time.sleep(1.0)
+
+    with pytest.raises(PdmError) as stopped:
+        training.train_and_evaluate(cfg, str(workdir), test=False, on_eval=take_over)
+    assert str(stopped.value) == (
+        f"{workdir} was taken over by elsewhere:4242; this run stopped at step 20 without saving it"
+    )
+    with CheckpointStore(str(workdir / "checkpoints"), create=False) as store:
+        assert store.all_steps() == [10]
+    assert _record(str(workdir))["token"] == "other"  # the new owner's record stays
+    assert _record(str(workdir / "checkpoints")) is None  # this run's own is released

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -98,9 +99,14 @@ def _assert_metrics_equal(client, run_id: str, records: list[dict]) -> None:
 
 
 def test_runs_log_to_a_server_and_resumed_runs_continue_the_same_mlflow_run(
-    mlflow_server, tmp_path
+    mlflow_server, tmp_path, monkeypatch
 ):
     uri = mlflow_server.endpoint
+    # Credentials from the standard variables (the server has no auth and ignores them).
+    secrets = [f"pdm-secret-{uuid.uuid4().hex}" for _ in range(2)]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets[1])
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     training.train_and_evaluate(_config(uri, 10), str(first))
     info = json.loads((first / "run_info.json").read_text())
@@ -133,6 +139,13 @@ def test_runs_log_to_a_server_and_resumed_runs_continue_the_same_mlflow_run(
     assert {"config.json", "run_info.json", "report.json", "plots"} <= names
     plots = {Path(f.path).name for f in client.list_artifacts(run_id, "plots")}
     assert plots and plots == {p.name for p in (elsewhere / "plots").iterdir()}
+    # No credential in params, tags, logged files or the run directories.
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    for name in ("config.json", "run_info.json", "report.json"):
+        logged.append(Path(client.download_artifacts(run_id, name, str(tmp_path))).read_text())
+    logged += [p.read_text() for p in tmp_path.rglob("*.json*") if p.is_file()]
+    for secret in secrets:
+        assert not any(secret in text for text in logged)
 
 
 def test_a_local_sqlite_store_keeps_metrics_and_files_beside_the_database(tmp_path, monkeypatch):
