@@ -111,8 +111,11 @@ def objective(
 
     def run(trial: optuna.Trial) -> float:
         overrides = space(trial)
-        trial_config = with_overrides(config, overrides)
         workdir = trial_dir(root, study_name, trial)
+        # A retried trial's worker was declared dead by Optuna's heartbeat: its owner record
+        # (on another host, perhaps, and younger than owner_timeout_s) must not block the retry.
+        retried = os.path.basename(workdir) != f"trial-{trial.number:04d}"
+        trial_config = with_overrides(config, {**overrides, "checkpoint.take_over": retried})
         trial.set_user_attr("overrides", {k: _plain(v) for k, v in overrides.items()})
         trial.set_user_attr("workdir", workdir)
 
