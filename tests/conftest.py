@@ -113,6 +113,18 @@ TINY_CNN_FLAGS = [
 ]
 
 
+# A tiny CNN-BiLSTM run as `python -m pdm_jax.main` flags: saves every 10 steps, no extras.
+TINY_RUN_FLAGS = [
+    *TINY_CNN_FLAGS,
+    "--config.train.batch_size=32",
+    "--config.train.eval_every=10",
+    "--config.train.patience=0",
+    "--config.train.tensorboard=False",
+    "--config.train.plots=False",
+    "--config.checkpoint.every_steps=10",
+]
+
+
 def tiny_cnn_config(dropout: float | None = None):
     """configs/cnn_bilstm.py shrunk to compile in about a second: for tests of the loop, not of
     the model."""

@@ -225,16 +225,22 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.make_bucket() + "/run"
 
 
-@on_failure_paths
-def test_a_damaged_latest_step_falls_back_to_the_one_before(
-    store_uri: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def _two_steps(store_uri: str) -> tuple[dict[str, Any], Any, str]:
+    """Steps 1 and 2 saved: (step 1's state, the store's fsspec filesystem, its root path)."""
     first, second = tiny_state(seed=1), tiny_state(seed=2)
     with CheckpointStore(store_uri) as store:
         store.save(1, first, META)
         store.save(2, second, META)
         assert store.wait()
     fs, root = fsspec.core.url_to_fs(store_uri)
+    return first, fs, root
+
+
+@on_failure_paths
+def test_a_damaged_latest_step_falls_back_to_the_one_before(
+    store_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, fs, root = _two_steps(store_uri)
     data_files = fs.find(f"{root}/2/state/d")
     assert data_files
     for path in data_files:  # truncated, as by an upload cut short
@@ -264,12 +270,7 @@ def test_a_flipped_byte_in_the_latest_step_is_found_and_the_one_before_restored(
 ) -> None:
     """Orbax and TensorStore read a flipped bit back without complaint; the SHA-256 sums
     recorded after each commit (on az://, the commit marker's) catch it."""
-    first, second = tiny_state(seed=1), tiny_state(seed=2)
-    with CheckpointStore(store_uri) as store:
-        store.save(1, first, META)
-        store.save(2, second, META)
-        assert store.wait()
-    fs, root = fsspec.core.url_to_fs(store_uri)
+    first, fs, root = _two_steps(store_uri)
     path = max(fs.find(f"{root}/2/state"), key=lambda p: fs.size(p) if "/d/" in p else -1)
     data = bytearray(fs.cat_file(path))
     data[len(data) // 2] ^= 0x10

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO, TINY_CNN_FLAGS
+from tests.conftest import REPO, TINY_RUN_FLAGS
 from tests.test_parallel import _env
 
 # Room for three steps of the tiny model (about 190 KB each on tmpfs) and not a fourth.
@@ -44,13 +44,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_complete_step(t
         sys.executable,
         "-m",
         "pdm_jax.main",
-        *TINY_CNN_FLAGS,
-        "--config.train.batch_size=32",
-        "--config.train.eval_every=10",
-        "--config.train.patience=0",
-        "--config.train.tensorboard=False",
-        "--config.train.plots=False",
-        "--config.checkpoint.every_steps=10",
+        *TINY_RUN_FLAGS,
         "--config.train.num_steps=120",
         f"--config.checkpoint.uri={store}",
         f"--workdir={workdir}",

@@ -22,22 +22,13 @@ import pytest
 
 from pdm_jax import checkpoint
 from pdm_jax.checkpoint.owner import RECORD
-from tests.conftest import REPO, TINY_CNN_FLAGS, as_format_1
+from tests.conftest import REPO, TINY_RUN_FLAGS, as_format_1
 from tests.test_parallel import _env, _free_port, _losses
 
 pytest_plugins = ["tests.servers"]
 
 STEPS = 60
-TINY = [
-    *TINY_CNN_FLAGS,
-    "--config.train.batch_size=32",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=10",
-    "--config.train.patience=0",
-    "--config.train.tensorboard=False",
-    "--config.train.plots=False",
-    "--config.checkpoint.every_steps=10",
-]
+TINY = [*TINY_RUN_FLAGS, "--config.train.log_every=1"]
 
 
 def _start(workdir, steps: int = STEPS, devices: int = 1, extra=()) -> subprocess.Popen:
