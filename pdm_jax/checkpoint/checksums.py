@@ -1,10 +1,11 @@
 """SHA-256 of every file of a committed step, recorded after the commit and checked on restore.
 
-Why: neither Orbax nor TensorStore checks what it reads back. A flipped bit in an OCDBT data
-file of a complete step restored silently as different parameters (measured: one flipped byte
-restored every array of a CNN-BiLSTM state changed, without an error), so a resumed run would go on
-from a state nobody saved. With the sums, such a step is unusable like a truncated one: the
-store warns naming it and restores the step before.
+Why: Orbax and TensorStore check only part of what they read back. OCDBT keeps small arrays
+inside its b-tree nodes, which carry CRC-32C, but an array over 1 KiB lives in a data file with
+no check at all: a flipped byte there restored silently as other values (measured on a
+256x256 float32 array), so a resumed run would go on from a state nobody saved. With the sums,
+such a step is unusable like a truncated one: the store warns naming it and restores the step
+before.
 
 `az://` steps are not covered here: the Azure backend's commit marker already holds each file's
 size and SHA-256 and its restore checks them. A step committed without a manifest (saved before
