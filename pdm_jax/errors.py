@@ -25,7 +25,18 @@ def first_line(exc: BaseException) -> str:
 
 
 class PdmError(Exception):
-    """Base for errors caused by the user's input rather than by a bug."""
+    """Base for errors caused by the user's input rather than by a bug.
+
+    Its text is one line whatever it quotes: the commands print it after `error: ` as the line a
+    user (or a log scraper) reads, so a line break or control code from user input (a column name
+    holding a newline, a stray byte in a header) is shown escaped.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class DataError(PdmError):

@@ -138,6 +138,29 @@ def tiny_cnn_config(dropout: float | None = None):
     return cfg
 
 
+def fuzz_settings(examples: int):
+    """Hypothesis settings of the fuzz tests: the same cases on every machine (derandomized, no
+    example database), no per-case deadline (a first case compiles), and the count fixed so the
+    number each test reports is what ran."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def assert_one_line_naming(err: BaseException, *names: str) -> None:
+    """The error a command prints as its one `error:` line: printable (so one line, without
+    control codes) and naming one of `names` (the file or the config key)."""
+    text = str(err)
+    assert text and text.isprintable(), repr(text)
+    assert any(name in text for name in names), (names, text)
+
+
 def as_format_1(store: pathlib.Path) -> None:
     """Rewrites a checkpoint store's metadata as format 1 wrote it (no interval calibration), so
     tests can check that checkpoints from before format 2 still predict, evaluate and resume."""

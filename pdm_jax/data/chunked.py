@@ -163,6 +163,7 @@ def unit_chunks(
         if unit_col not in raw.columns:
             yield raw  # the caller's column check names what is missing
             return
+        validate.check_unit_ids(raw, name, unit_col)  # before ids are compared across chunks
         if pending is not None:
             units = pending[unit_col]
             tail = (units == units.iloc[-1]).to_numpy()

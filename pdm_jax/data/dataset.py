@@ -13,7 +13,8 @@ import numpy as np
 from pdm_jax.data import features, sources
 from pdm_jax.data.pipeline import TrainIterator, Windows, window_ends
 from pdm_jax.data.table import DATASET, TIME, UNIT, RawData, RunTable
-from pdm_jax.errors import ConfigError
+from pdm_jax.data.validate import unit_name
+from pdm_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,12 @@ def make_windows(
     starts, stops = table.unit_bounds()
     row_start = np.repeat(starts, stops - starts)
     scaled = scaler.transform(table.frame)
+    inputs = features.with_baseline(scaled, row_start, scaler, baseline_cycles)
+    targets = features.rul_target(table, rul_cap)
+    _check_float32(table, inputs, targets, input_names(scaler, baseline_cycles))
     return Windows(
-        features=features.with_baseline(scaled, row_start, scaler, baseline_cycles),
-        targets=features.rul_target(table, rul_cap),
+        features=inputs,
+        targets=targets,
         row_start=row_start,
         row_unit=table.frame[UNIT].to_numpy(np.int32),
         row_dataset=table.frame[DATASET].to_numpy(np.int32),
@@ -101,6 +105,28 @@ def make_windows(
         ends=window_ends(starts, stops, window, stride, mode, min_history),
         window=window,
     )
+
+
+def _check_float32(
+    table: RunTable, inputs: np.ndarray, targets: np.ndarray, names: tuple[str, ...]
+) -> None:
+    """Finite readings can still leave float32 once scaled (a value far outside the training
+    rows' range) or as an uncapped RUL; the model would then predict NaN without a word."""
+    row, what = None, ""
+    for start in range(0, len(inputs), features.TRANSFORM_ROWS):  # bounded temporaries
+        bad = ~np.isfinite(inputs[start : start + features.TRANSFORM_ROWS])
+        if bad.any():
+            at, col = (int(i) for i in np.argwhere(bad)[0])
+            row, what = start + at, f"input {names[col]!r} scaled to the training data's range"
+            break
+    if row is None and np.isinf(targets).any():
+        row, what = int(np.flatnonzero(np.isinf(targets))[0]), "its remaining life (uncapped)"
+    if row is not None:
+        unit = table.unit_labels[int(table.frame[UNIT].iloc[row])]
+        raise DataError(
+            f"{table.name}: unit {unit_name(unit)} at time {table.frame[TIME].iloc[row]:g}: "
+            f"{what} is beyond float32's range, which the models compute in"
+        )
 
 
 def feature_columns(table: RunTable, use_settings: bool, use_time: bool = False) -> tuple[str, ...]:

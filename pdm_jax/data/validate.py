@@ -22,6 +22,9 @@ from pdm_jax.errors import DataError, first_line
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("error", "ffill")
+# The models compute in float32: a larger reading would be inf there, and scaling a column that
+# spans more than this can overflow even in float64 (1e308 - -1e308).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _where(frame: pd.DataFrame, pos: int) -> str:
@@ -161,27 +164,35 @@ def check_columns(
 
 
 def to_numeric(frame: pd.DataFrame, columns: Sequence[str], name: str) -> pd.DataFrame:
-    """Casts columns to float64; the first non-numeric cell is reported by column and line."""
+    """Casts columns to float64; the first non-numeric cell, or one beyond float32's range, is
+    reported by column and line (non-finite cells are the NaN policy's)."""
     out = frame.copy()
     for col in columns:
-        series = frame[col]
-        if pd.api.types.is_bool_dtype(series):
-            out[col] = series.astype(np.float64)
-            continue
-        if pd.api.types.is_numeric_dtype(series):
-            out[col] = series.astype(np.float64)
-            continue
-        coerced = pd.to_numeric(series, errors="coerce")
-        bad = coerced.isna().to_numpy() & series.notna().to_numpy()
-        # Strings such as "nan"/"inf" coerce fine; only real non-numbers land here.
-        if bad.any():
-            pos = int(np.flatnonzero(bad)[0])
+        values = _as_float64(frame, col, name)
+        big = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+        if big.any():
+            pos = int(np.flatnonzero(big)[0])
             raise DataError(
-                f"{name}: {_where(frame, pos)}, column '{col}': {series.iloc[pos]!r} "
-                "is not a number"
+                f"{name}: {_where(frame, pos)}, column '{col}': {values[pos]:g} is beyond "
+                f"float32's range (+-{FLOAT32_MAX:.3g}), which the models compute in"
             )
-        out[col] = coerced.astype(np.float64)
+        out[col] = values
     return out
+
+
+def _as_float64(frame: pd.DataFrame, col: str, name: str) -> np.ndarray:
+    series = frame[col]
+    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+        return series.astype(np.float64).to_numpy()
+    coerced = pd.to_numeric(series, errors="coerce")
+    bad = coerced.isna().to_numpy() & series.notna().to_numpy()
+    # Strings such as "nan"/"inf" coerce fine; only real non-numbers land here.
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{name}: {_where(frame, pos)}, column '{col}': {series.iloc[pos]!r} is not a number"
+        )
+    return coerced.astype(np.float64).to_numpy()
 
 
 def apply_nan_policy(
@@ -224,8 +235,24 @@ def apply_nan_policy(
     return out, count
 
 
+def check_unit_ids(frame: pd.DataFrame, name: str, unit_col: str) -> None:
+    """Unit ids are numbers or text: a list or record (a nested Parquet column) names no unit,
+    and cannot be compared, grouped or written back."""
+    units = frame[unit_col]
+    if units.dtype != object:
+        return
+    scalar = np.fromiter(map(pd.api.types.is_scalar, units), bool, len(units))
+    if not scalar.all():
+        pos = int(np.flatnonzero(~scalar)[0])
+        raise DataError(
+            f"{name}: {_where(frame, pos)}, column '{unit_col}': unit ids must be numbers or "
+            f"text, found a {type(units.iloc[pos]).__name__} value"
+        )
+
+
 def check_units_and_time(frame: pd.DataFrame, name: str, unit_col: str, time_col: str) -> None:
     """Each (unit, time) once; time strictly increasing down the file within each unit."""
+    check_unit_ids(frame, name, unit_col)
     units = frame[unit_col]
     times = frame[time_col].to_numpy(dtype=np.float64)
     if not np.isfinite(times).all():

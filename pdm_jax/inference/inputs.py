@@ -114,9 +114,9 @@ def _to_input(frame: pd.DataFrame, source: Source, nan_policy: str) -> Input:
         out[col] = frame[col].to_numpy(np.float64)
     out[RUL] = np.nan
     labels = np.asarray(labels)
-    if labels.dtype.kind == "f" and np.all(labels == np.round(labels)):
+    if labels.dtype.kind == "f" and _whole(labels):
         labels = labels.astype(np.int64)
-    whole = np.all(raw_time == np.round(raw_time))
+    whole = _whole(raw_time)
     table = RunTable(
         frame=out,
         settings=layout.settings,
@@ -126,6 +126,12 @@ def _to_input(frame: pd.DataFrame, source: Source, nan_policy: str) -> Input:
         name=name,
     )
     return Input(source, table, raw_time.astype(np.int64) if whole else raw_time)
+
+
+def _whole(values: np.ndarray) -> bool:
+    """Whether float values are integers that int64 holds exactly, so they read back as written
+    (1e300 is whole too, but no int64)."""
+    return bool(np.all(values == np.round(values)) and np.all(np.abs(values) <= 2**53))
 
 
 def warn_late_start(item: Input, predictor: Predictor, starts: np.ndarray) -> bool:
