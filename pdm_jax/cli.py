@@ -91,11 +91,13 @@ def unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
 
 
 def flag_error(err: Exception) -> str:
-    text = str(err).splitlines()[0]
-    match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text)
+    """`--config.KEY: cannot parse VALUE (why)`; the value may hold a line break of its own."""
+    text = str(err)
+    match = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", text, re.DOTALL)
     if match:
-        return f"--{match.group(1)}: cannot parse {match.group(2)!r} ({match.group(3)})"
-    return text
+        why = match.group(3).strip().splitlines()
+        return f"--{match.group(1)}: cannot parse {match.group(2)!r} ({why[0] if why else '?'})"
+    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def exit_with(message: str) -> None:

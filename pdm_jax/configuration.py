@@ -7,6 +7,7 @@ values that parse but cannot work (a negative window, an unknown source, an impo
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,13 +15,19 @@ from typing import Any
 from pdm_jax import calibration, jsonio, models, tracking
 from pdm_jax.data.cmapss import SUBSETS
 from pdm_jax.data.sources import SOURCES
-from pdm_jax.data.validate import NAN_POLICIES
+from pdm_jax.data.synthetic import MAX_CONDITIONS
+from pdm_jax.data.validate import FLOAT32_MAX, NAN_POLICIES
 from pdm_jax.errors import ConfigError
 from pdm_jax.jsonio import flatten
+from pdm_jax.models.cnn_bilstm import ACTIVATIONS, POOLINGS
+from pdm_jax.models.layers import REMAT_POLICIES
 
 SELECT_ON = ("all", "degrading")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+# Counts beyond int32 overflow JAX's default integer arrays (steps, shapes) before any memory
+# check could refuse them.
+INT_MAX = 2**31 - 1
 # The repository's configs/ (an editable install; installed elsewhere, pass a path).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -35,11 +42,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """Finite and within float32, which training computes in: `--config.train.learning_rate=inf`
+    (or nan, or 1e300) parses as a float, and would only turn the loss into NaN."""
+    finite = _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+    return finite and abs(value) <= FLOAT32_MAX
 
 
-def _int_from(low: int) -> Callable[[Any], bool]:
-    return lambda v: _is_int(v) and v >= low
+def _int_from(low: int, high: int = INT_MAX) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and low <= v <= high
 
 
 def _number_from(low: float, strict: bool = False) -> Callable[[Any], bool]:
@@ -60,29 +70,49 @@ def _auto_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 def _positive_count(v: Any) -> bool:
     """An int, or digits from a string override such as --config.train.grad_accum=4."""
-    return not isinstance(v, bool) and str(v).isdigit() and int(v) > 0
+    return not isinstance(v, bool) and str(v).isdigit() and 0 < int(v) <= INT_MAX
+
+
+def _names(v: Any) -> bool:
+    """A tuple (or list) of column or block names, as a config file or `"('a','b')"` gives it."""
+    return isinstance(v, tuple | list) and all(isinstance(n, str) and n for n in v)
+
+
+def _optional_name(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _counts(v: Any) -> bool:
+    return isinstance(v, tuple | list) and all(_int_from(1)(c) for c in v)
+
+
+def _host_port(v: Any) -> bool:
+    host, _, port = str(v).rpartition(":")
+    return v is None or (isinstance(v, str) and bool(host.strip()) and port.isdigit())
 
 
 # One row per key: (dotted key, check, what was expected). Checks that depend on other keys are
 # in `validate` below.
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("seed", _is_int, "an integer"),
+    ("seed", _int_from(0), "an integer >= 0"),
     ("model.name", _one_of(models.MODEL_NAMES), f"one of {models.MODEL_NAMES}"),
     (
         "model.quantiles",
-        lambda qs: all(_is_number(q) and 0 < q < 1 for q in qs),
-        "values strictly between 0 and 1",
+        lambda qs: all(_is_number(q) and 0 < q < 1 for q in qs) and len(set(qs)) == len(qs),
+        "distinct values strictly between 0 and 1",
     ),
     ("model.dropout", _fraction, "a value in [0, 1)"),
     ("model.target_scale", _number_from(0, strict=True), "a number > 0"),
     ("model.target_offset", _is_number, "a number"),
     ("model.point_loss", _one_of(("mse", "huber")), "'mse' or 'huber'"),
+    ("model.huber_delta", _number_from(0, strict=True), "a number > 0 (cycles)"),
     ("model.ensemble", _int_from(1), "an integer >= 1 (1: a single model)"),
     (
         "model.remat",
-        _auto_or(lambda v: isinstance(v, tuple | list)),
+        _auto_or(_names),
         "'auto' or a tuple of block names",
     ),
+    ("model.remat_policy", _one_of(tuple(REMAT_POLICIES)), f"one of {tuple(REMAT_POLICIES)}"),
     ("data.source", _one_of(SOURCES), f"one of {SOURCES}"),
     ("data.window", _int_from(1), "an integer > 0"),
     ("data.min_history", _int_from(0), "an integer >= 0 (0: full windows only)"),
@@ -116,19 +146,60 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((f"train.{key}", _int_from(1), "an integer > 0") for key in ("eval_every", "log_every")),
     *((f"checkpoint.{key}", _int_from(0), "an integer >= 0") for key in ("every_steps", "keep")),
     ("checkpoint.every_minutes", _number_from(0), "a number >= 0"),
+    ("checkpoint.owner_timeout_s", _number_from(1), "a number of seconds >= 1"),
     ("compute.dtype", _one_of(DTYPES), "'auto', 'float32' or 'bfloat16'"),
     ("compute.infer_microbatch", _auto_or(_int_from(0)), "'auto' or an integer >= 0"),
 )
 
 CSV_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("data.paths", lambda v: len(tuple(v)) > 0, "at least one CSV/Parquet file or glob"),
+    ("data.paths", lambda v: _names(v) and len(v) > 0, "at least one CSV/Parquet file or glob"),
     ("data.columns.unit", lambda v: isinstance(v, str) and v != "", "a column name"),
     ("data.columns.time", lambda v: isinstance(v, str) and v != "", "a column name"),
+    ("data.columns.settings", _names, "a tuple of column names"),
     (
         "data.columns.sensors",
-        lambda v: v == "auto" or (isinstance(v, tuple | list) and len(v) > 0),
+        lambda v: v == "auto" or (_names(v) and len(v) > 0),
         "'auto' or a non-empty tuple of column names",
     ),
+)
+
+# Keys a config may leave out (their readers have defaults): checked when present.
+OPTIONAL_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((f"model.tft.{key}", _int_from(1), "an integer > 0") for key in ("hidden", "heads")),
+    ("model.tft.var_hidden", _int_from(1), "an integer > 0"),
+    ("model.tft.lstm_layers", _int_from(1, 1), "1 (the only depth the TFT has)"),
+    ("model.cnn_bilstm.channels", _counts, "a tuple of integers > 0 (one per conv layer)"),
+    (
+        "model.cnn_bilstm.dilations",
+        lambda v: _int_from(1)(v) or _counts(v),
+        "an integer > 0, or one per conv layer",
+    ),
+    *(
+        (f"model.cnn_bilstm.{key}", _int_from(1), "an integer > 0")
+        for key in ("kernel", "lstm_hidden", "lstm_layers", "dense")
+    ),
+    ("model.cnn_bilstm.activation", _one_of(tuple(ACTIVATIONS)), f"one of {tuple(ACTIVATIONS)}"),
+    ("model.cnn_bilstm.pooling", _one_of(POOLINGS), f"one of {POOLINGS}"),
+    ("distributed.coordinator", _host_port, "'host:port' of process 0, or unset"),
+    ("distributed.num_processes", _int_from(0), "an integer >= 0 (0 = detect)"),
+    ("distributed.process_id", _int_from(-1), "an integer >= -1 (-1 = detect)"),
+    ("distributed.timeout_s", _int_from(0), "an integer >= 0 (seconds)"),
+)
+CSV_OPTIONAL_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.test_paths", _names, "a tuple of CSV/Parquet files or globs"),
+    ("data.columns.ignore", _names, "a tuple of column names"),
+    ("data.columns.failure", _optional_name, "a column name, or unset"),
+    ("data.columns.rul", _optional_name, "a column name, or unset"),
+)
+SYNTHETIC_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.synthetic.num_units", _int_from(1), "an integer > 0"),
+    ("data.synthetic.test_units", _int_from(0), "an integer >= 0"),
+    (
+        "data.synthetic.num_conditions",
+        _int_from(1, MAX_CONDITIONS),
+        f"an integer in [1, {MAX_CONDITIONS}]",
+    ),
+    ("data.synthetic.seed", _int_from(0), "an integer >= 0"),
 )
 
 
@@ -140,20 +211,38 @@ def value_at(config: Any, key: str) -> Any:
     return value
 
 
-def _check(config: Any, rules: tuple[tuple[str, Callable[[Any], bool], str], ...]) -> None:
+def _check(
+    config: Any, rules: tuple[tuple[str, Callable[[Any], bool], str], ...], optional: bool = False
+) -> None:
+    """Each rule's key against its check; a key the config lacks is skipped when `optional`, and
+    otherwise an error here rather than an AttributeError deep in the run."""
     for key, ok, expected in rules:
-        value = value_at(config, key)
+        try:
+            value = value_at(config, key)
+        except (KeyError, AttributeError):
+            if optional:
+                continue
+            raise ConfigError(f"config.{key}: missing (expected {expected})") from None
+        if not ok(value) and _is_int(value) and value > INT_MAX:
+            expected = f"{expected}, at most {INT_MAX}"
+        elif not ok(value) and isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            expected = f"{expected}, within float32's range (+-{FLOAT32_MAX:.3g})"
         _require(ok(value), key, expected, value)
 
 
 def validate(config: Any) -> None:
     """Raises ConfigError for the first impossible value."""
     _check(config, RULES)
+    _check(config, OPTIONAL_RULES, optional=True)
+    _check_combinations(config)
     data, ckpt = config.data, config.checkpoint
     if data.source == "cmapss":
         _require(data.subset in SUBSETS, "data.subset", f"one of {SUBSETS}", data.subset)
+    if data.source == "synthetic":
+        _check(config, SYNTHETIC_RULES, optional=True)
     if data.source == "csv":
         _check(config, CSV_RULES)
+        _check(config, CSV_OPTIONAL_RULES, optional=True)
         _require(
             not (data.columns.failure and data.columns.rul),
             "data.columns.rul",
@@ -175,6 +264,36 @@ def validate(config: Any) -> None:
         f"a multiple of train.eval_every ({eval_every}) while checkpoint.keep_best is on, "
         "so the best step is saved with its validation RMSE",
         ckpt.every_steps,
+    )
+
+
+def _check_combinations(config: Any) -> None:
+    """Values each fine alone that the model or the launcher cannot take together."""
+    model = config.model
+    tft = model.get("tft") or {}
+    if model.name == "tft" and "hidden" in tft and "heads" in tft:
+        _require(
+            tft["hidden"] % tft["heads"] == 0,
+            "model.tft.hidden",
+            f"a multiple of model.tft.heads ({tft['heads']})",
+            tft["hidden"],
+        )
+    cnn = model.get("cnn_bilstm") or {}
+    dilations = cnn.get("dilations")
+    if model.name == "cnn_bilstm" and isinstance(dilations, tuple | list) and "channels" in cnn:
+        _require(
+            len(dilations) == len(cnn["channels"]),
+            "model.cnn_bilstm.dilations",
+            f"one per conv layer ({len(cnn['channels'])}, as model.cnn_bilstm.channels)",
+            dilations,
+        )
+    dist = config.get("distributed") or {}
+    processes, process = dist.get("num_processes", 0), dist.get("process_id", -1)
+    _require(
+        not processes or process < processes,
+        "distributed.process_id",
+        f"-1 (detect) or below distributed.num_processes ({processes})",
+        process,
     )
 
 
