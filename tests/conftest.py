@@ -9,9 +9,11 @@ the tests that need the files fail with one message saying what to set, rather t
 because a skipped data test proves nothing.
 """
 
+import fcntl
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -213,10 +215,24 @@ TFT = [
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """{'cnn': workdir, 'tft': workdir}: both trainings run at once (they share two cores),
-    once per test run: inference and export tests read the same checkpoints."""
+    once per test run: inference and export tests read the same checkpoints. Under pytest-xdist
+    each worker is a session of its own, so the first to get here trains under a file lock in
+    the directory the workers share and the others read its runs (every user only reads)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "shared-runs"
+    with open(shared / "shared-runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "trained").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            _train_runs(root)
+            (root / "trained").touch()
+    return {name: root / name for name in ("cnn", "tft")}
+
+
+def _train_runs(root: pathlib.Path) -> None:
     from tests.test_parallel import _env  # test_parallel imports this module
 
-    root = tmp_path_factory.mktemp("runs")
     jobs = {
         "cnn": (CNN, 8),
         "tft": (TFT, 1),
@@ -235,4 +251,3 @@ def runs(tmp_path_factory):
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
-    return {name: root / name for name in jobs}
