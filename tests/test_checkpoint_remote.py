@@ -27,7 +27,7 @@ import pytest
 pytest.register_assert_rewrite("tests.servers")  # before the import, as pytest_plugins asks
 
 from pdm_jax import checkpoint  # noqa: E402
-from pdm_jax.checkpoint import CheckpointStore  # noqa: E402
+from pdm_jax.checkpoint import CheckpointStore, checksums  # noqa: E402
 from pdm_jax.checkpoint import s3 as orbax_s3  # noqa: E402
 from pdm_jax.errors import ConfigError, PdmError  # noqa: E402
 from tests.servers import AZURITE_KEY, StorageServer, clear_client_caches  # noqa: E402
@@ -286,6 +286,24 @@ def test_a_flipped_byte_in_the_latest_step_is_found_and_the_one_before_restored(
     assert "unusable" in warning and "trying step 1" in warning
     expected = "SHA-256" if store_uri.startswith("az://") else "differs from the SHA-256"
     assert expected in warning, warning
+
+
+def test_a_manifest_cut_short_leaves_its_step_restorable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The manifest is written after the commit, so a full disk can cut it short while the step
+    itself is complete: the step restores (unchecked, with a warning), and is not passed over
+    for the one before as a damaged step would be."""
+    uri = str(tmp_path / "checkpoints")
+    _, _, root = _two_steps(uri)
+    manifest = Path(root) / "2" / checksums.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    caplog.set_level(logging.WARNING)
+    with CheckpointStore(uri, create=False) as again:
+        restored, meta = again.restore(as_target(tiny_state(seed=2)))
+    assert meta == full_meta(2)
+    assert_bitwise(restored, tiny_state(seed=2))
+    assert any("unreadable" in m and "restores unchecked" in m for m in warnings_of(caplog))
 
 
 def test_resolve_uri_accepts_object_stores_and_names_the_config_key_otherwise() -> None:

@@ -9,15 +9,21 @@ before.
 
 `az://` steps are not covered here: the Azure backend's commit marker already holds each file's
 size and SHA-256 and its restore checks them. A step committed without a manifest (saved before
-this existed, or killed between its commit and the manifest) restores unchecked.
+this existed, or killed between its commit and the manifest) restores unchecked, and so does one
+whose manifest cannot be read (a write cut short by a full disk): the step committed before its
+manifest was written, so a damaged manifest says nothing against the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "pdm-checksums.json"
 _CHUNK = 1 << 20
@@ -48,7 +54,13 @@ def record(uri: str, step: int) -> None:
         for path, info in fs.find(base, detail=True).items()
         if not path.endswith(MANIFEST)
     }
-    fs.pipe_file(f"{base}/{MANIFEST}", json.dumps({"files": files}, indent=0).encode())
+    path = f"{base}/{MANIFEST}"
+    try:
+        fs.pipe_file(path, json.dumps({"files": files}, indent=0).encode())
+    except BaseException:
+        with contextlib.suppress(Exception):  # a local file cut short by a full disk
+            fs.rm_file(path)
+        raise
 
 
 def verify(uri: str, step: int, items: Iterable[str]) -> bool:
@@ -58,10 +70,20 @@ def verify(uri: str, step: int, items: Iterable[str]) -> bool:
     base = f"{root}/{step}"
     try:
         files = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))["files"]
+        sums = {rel: (int(size), str(digest)) for rel, (size, digest) in files.items()}
     except FileNotFoundError:
         return False
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning(
+            "%s of step %d in %s is unreadable (%s); it restores unchecked",
+            MANIFEST,
+            step,
+            uri,
+            type(err).__name__,
+        )
+        return False
     prefixes = tuple(f"{item}/" for item in items)
-    for rel, (size, digest) in sorted(files.items()):
+    for rel, (size, digest) in sorted(sums.items()):
         if not rel.startswith(prefixes):
             continue
         path = f"{base}/{rel}"
