@@ -223,11 +223,12 @@ def _check(
             if optional:
                 continue
             raise ConfigError(f"config.{key}: missing (expected {expected})") from None
-        if not ok(value) and _is_int(value) and value > INT_MAX:
+        good = ok(value)
+        if not good and _is_int(value) and value > INT_MAX:
             expected = f"{expected}, at most {INT_MAX}"
-        elif not ok(value) and isinstance(value, float) and abs(value) > FLOAT32_MAX:
+        elif not good and isinstance(value, float) and abs(value) > FLOAT32_MAX:
             expected = f"{expected}, within float32's range (+-{FLOAT32_MAX:.3g})"
-        _require(ok(value), key, expected, value)
+        _require(good, key, expected, value)
 
 
 def validate(config: Any) -> None:
